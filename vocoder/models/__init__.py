@@ -1,0 +1,53 @@
+"""The one registry of models: kind name -> class, and loading from a checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from vocoder.models.base import Vocoder
+
+_REGISTRY = {
+    "teacher": "vocoder.models.teacher:Teacher",
+    "student": "vocoder.models.student:Student",
+    "waveglow": "vocoder.models.waveglow:WaveGlow",
+}
+
+KINDS = tuple(_REGISTRY)
+
+
+def model_class(kind: str) -> type[Vocoder]:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+    module, name = _REGISTRY[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(kind: str, n_mels: int, hop_length: int, arch: dict | None = None) -> Vocoder:
+    return model_class(kind)(n_mels=n_mels, hop_length=hop_length, **dict(arch or {}))
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> Vocoder:
+    """Rebuild the model a checkpoint dict describes (EMA weights when present)."""
+    model = build_model(ckpt["kind"], ckpt["n_mels"], ckpt["hop_length"], ckpt["arch"])
+    state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(path, device: str | torch.device = "cpu", use_ema: bool = True) -> Vocoder:
+    """Load any checkpoint as a ready-to-synthesise model in eval mode.
+
+    The returned model carries ``features`` (a :class:`~vocoder.features.MelFrontEnd` of the
+    preset it was trained with) and ``checkpoint_path``.
+    """
+    from vocoder.features import MelFrontEnd
+    from vocoder.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    model.features = MelFrontEnd.from_dict(ckpt["features"])
+    model.checkpoint_path = str(path)
+    model.eval().prepare_for_inference()
+    return model.to(device)

@@ -1,0 +1,44 @@
+"""What every vocoder in the registry provides.
+
+Shapes: ``B`` batch, ``T`` audio samples, ``F`` mel frames, ``T = F * hop_length`` whenever audio
+and mels come in pairs (training segments start on a frame boundary).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Vocoder(nn.Module):
+    """Base class of the three model kinds.
+
+    Subclasses set ``kind`` and accept ``n_mels`` and ``hop_length`` plus their own
+    architecture keywords, which :meth:`arch_config` returns so the registry can rebuild the
+    model from a checkpoint.
+    """
+
+    kind: str = ""
+
+    def __init__(self, n_mels: int, hop_length: int):
+        super().__init__()
+        self.n_mels = n_mels
+        self.hop_length = hop_length
+
+    def arch_config(self) -> dict:
+        """Keyword arguments (besides ``n_mels``/``hop_length``) that rebuild this model."""
+        raise NotImplementedError
+
+    def training_loss(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Loss to minimise on a batch of ``audio [B, T]`` and ``mel [B, n_mels, T // hop]``,
+        and scalar metrics to log. Models trained by maximum likelihood return the negative
+        log-likelihood in nats per sample."""
+        raise NotImplementedError
+
+    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop_length]``. ``sigma`` scales the
+        latent noise (``None`` means the model's default)."""
+        raise NotImplementedError
+
+    def prepare_for_inference(self) -> Vocoder:
+        """Make inference fast (remove weight norm, cache inverses). Idempotent; returns self."""
+        return self
