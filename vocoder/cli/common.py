@@ -1,0 +1,48 @@
+"""What the Hydra command-line apps share: the config folder, device and data set-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def hydra_app(config_name: str):
+    """``@hydra.main`` on the project's ``conf/`` folder, with one-line errors."""
+    import hydra
+
+    from vocoder.errors import report_errors
+
+    def decorate(fn):
+        return hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)(
+            report_errors(fn)
+        )
+
+    return decorate
+
+
+def front_end(cfg):
+    from vocoder.features import MelFrontEnd
+
+    return MelFrontEnd.from_preset(str(cfg.features.preset))
+
+
+def prepare_data(cfg, features, min_samples: int = 0):
+    from vocoder.data.corpus import prepare_corpus
+
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if not main_process:
+        # Other torchrun ranks wait for rank 0's cache (it is keyed, so they find the same one).
+        from vocoder.training.distributed import barrier, init_distributed
+
+        info = init_distributed(str(cfg.trainer.device))
+        barrier(info)
+        return prepare_corpus(cfg.data, features, cfg.data.cache_dir, min_samples,
+                              log=lambda *a, **k: None, progress=False)
+    corpus = prepare_corpus(cfg.data, features, cfg.data.cache_dir, min_samples)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from vocoder.training.distributed import barrier, init_distributed
+
+        barrier(init_distributed(str(cfg.trainer.device)))
+    return corpus

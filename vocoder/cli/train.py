@@ -1,0 +1,40 @@
+"""``vocoder-train model=teacher|waveglow data=... experiment=... run_dir=DIR``.
+
+Trains by maximum likelihood with the shared trainer; rerunning the command resumes.
+"""
+
+from __future__ import annotations
+
+from vocoder.cli.common import front_end, hydra_app, prepare_data
+from vocoder.errors import VocoderError
+
+
+@hydra_app("config")
+def main(cfg) -> None:
+    from vocoder.models import build_model
+    from vocoder.training.trainer import Trainer
+
+    kind = str(cfg.model.kind)
+    if kind == "student":
+        raise VocoderError("the student is trained by distillation: use vocoder-distill teacher=CKPT")
+    features = front_end(cfg)
+    min_samples = int(cfg.trainer.segment_frames) * features.hop_length
+    corpus = prepare_data(cfg, features, min_samples)
+    model = build_model(kind, features.n_mels, features.hop_length, dict(cfg.arch[kind]))
+    trainer = Trainer(cfg, model, corpus, features.config.to_dict())
+    n_params = sum(p.numel() for p in model.parameters())
+    if trainer.dist.is_main:
+        print(f"{kind}: {n_params / 1e6:.3f} M parameters, device {trainer.device}, "
+              f"{trainer.dist.world_size} process(es), global batch "
+              f"{int(cfg.trainer.batch_size) * trainer.dist.world_size}")
+    metrics = trainer.fit()
+    if trainer.dist.is_main:
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"checkpoint: {trainer.ckpt_dir / 'last.pt'} (step {trainer.step}); {summary}")
+    from vocoder.training.distributed import cleanup
+
+    cleanup(trainer.dist)
+
+
+if __name__ == "__main__":
+    main()

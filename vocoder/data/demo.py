@@ -1,0 +1,360 @@
+"""The embedded demo corpus: speech-like audio synthesised by code, with its true pitch.
+
+Nothing is downloaded. Each utterance comes from a source-filter model of the voice, the
+same split real speech production is usually described by:
+
+* **Source.** During vowels a glottal pulse train drives the vocal tract. Each period is a
+  smooth Rosenberg-like glottal flow pulse (opening phase, closing phase, closed phase); its
+  first difference models radiation at the lips and a speaker-dependent pre-emphasis sets the
+  spectral tilt. The period follows a moving pitch contour (speaker base pitch, declination,
+  accents on syllables, a final rise or fall) whose instantaneous frequency is integrated into
+  a phase, so pitch glides never click. Small cycle-to-cycle period (jitter) and amplitude
+  (shimmer) changes and some breath noise keep it from sounding machine-made.
+* **Filter.** The source passes through a cascade of five second-order resonators (the
+  formants). Their centre frequencies and bandwidths glide sample by sample between vowel
+  targets scaled by the speaker's vocal tract length.
+* **Unvoiced sounds and silence.** Fricatives are band-passed noise, stops are a closure
+  followed by a short decaying noise burst, and pauses hold only a low noise floor (never
+  exact zeros). Each utterance gets its own peak level, so loudness varies across the corpus.
+
+Because the pitch is made rather than estimated, the true F0 is known for every frame and
+pitch errors of a vocoder can be measured against it.
+
+Shapes and units: ``audio`` is float32 ``[T]`` in [-1, 1] at ``sample_rate`` Hz, 1 to 3
+seconds long. ``f0`` is float32 ``[T // hop_length + 1]`` in Hz: frame ``i`` is centred on
+sample ``i * hop_length`` (centred framing, as in :mod:`vocoder.features`) and holds the
+instantaneous glottal frequency there, or 0.0 where the glottal source is off.
+
+An utterance depends only on ``(index, seed)``: any subset can be generated alone, and two
+runs give byte-identical arrays. Ten speakers take turns (``index % 10``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.signal import butter, sosfilt
+
+DEMO_SAMPLE_RATE = 22050
+DEMO_HOP = 256
+
+_N_SPEAKERS = 10
+# Separate random streams for utterances and speakers, so neither shifts the other.
+_UTTERANCE_STREAM = 0
+_SPEAKER_STREAM = 1
+
+# F1, F2, F3 in Hz of ten English vowels for an adult male voice (the usual textbook
+# averages); a speaker scales them by the length of the vocal tract.
+_VOWEL_FORMANTS = np.array([
+    [270, 2290, 3010],  # i
+    [390, 1990, 2550],  # I
+    [530, 1840, 2480],  # E
+    [660, 1720, 2410],  # ae
+    [730, 1090, 2440],  # a
+    [570, 840, 2410],   # o
+    [440, 1020, 2240],  # U
+    [300, 870, 2240],   # u
+    [640, 1190, 2390],  # ^
+    [490, 1350, 1690],  # er
+], dtype=np.float64)
+
+# Noise bands (low, high) in Hz for fricatives ("s", "sh", "f", "h") and stop bursts.
+_FRICATIVE_BANDS = ((3800.0, 9000.0), (2000.0, 5500.0), (1200.0, 9000.0), (500.0, 4000.0))
+_BURST_BANDS = ((300.0, 2500.0), (3000.0, 9000.0), (1300.0, 3500.0))
+
+_F0_RANGE_HZ = (80.0, 300.0)
+
+
+@dataclass
+class DemoUtterance:
+    """One generated utterance: ``audio`` float32 [T], ``f0`` float32 [T // hop + 1] in Hz."""
+
+    name: str
+    audio: np.ndarray
+    f0: np.ndarray
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class _Speaker:
+    base_f0: float            # Hz
+    formant_scale: float      # multiplies the vowel table (shorter tract, higher formants)
+    f4: float                 # Hz
+    f5: float                 # Hz
+    bandwidths: np.ndarray    # [5] Hz, one per formant
+    open_phase: float         # fraction of a period the glottal flow rises
+    closing_phase: float      # fraction of a period it falls
+    emphasis: float           # pre-emphasis coefficient; higher is a brighter voice
+    breathiness: float        # breath noise relative to the pulse excitation
+    jitter: float             # std of the relative period perturbation
+    shimmer: float            # std of the relative per-cycle amplitude perturbation
+
+
+def _speaker(seed: int, speaker_id: int) -> _Speaker:
+    rng = np.random.default_rng([seed, _SPEAKER_STREAM, speaker_id])
+    base_f0 = float(np.exp(rng.uniform(np.log(100.0), np.log(210.0))))
+    # Higher voices tend to come with shorter vocal tracts, hence higher formants.
+    pitch_position = np.log(base_f0 / 100.0) / np.log(2.1)
+    formant_scale = float(0.93 + 0.22 * pitch_position + rng.normal(0.0, 0.03))
+    return _Speaker(
+        base_f0=base_f0,
+        formant_scale=formant_scale,
+        f4=float(3400.0 * formant_scale * rng.uniform(0.97, 1.03)),
+        f5=float(4400.0 * formant_scale * rng.uniform(0.97, 1.03)),
+        bandwidths=np.array([60.0, 90.0, 130.0, 220.0, 300.0]) * rng.uniform(0.8, 1.3, 5),
+        open_phase=float(rng.uniform(0.35, 0.5)),
+        closing_phase=float(rng.uniform(0.12, 0.22)),
+        emphasis=float(rng.uniform(0.5, 0.95)),
+        breathiness=float(rng.uniform(0.02, 0.12)),
+        jitter=float(rng.uniform(0.002, 0.006)),
+        shimmer=float(rng.uniform(0.02, 0.06)),
+    )
+
+
+@dataclass(frozen=True)
+class _Segment:
+    kind: str   # "vowel", "fricative", "stop" or "pause"
+    start: int  # first sample
+    stop: int   # one past the last sample
+
+
+def _plan(rng: np.random.Generator, n_samples: int, sr: int) -> list[_Segment]:
+    """Syllables (optional consonant onset, vowel, optional fricative coda) and pauses
+    between a leading and a trailing silence. The first syllable always fits, so every
+    utterance has voiced and unvoiced stretches."""
+    cursor = int(rng.uniform(0.06, 0.25) * sr)
+    end = n_samples - int(rng.uniform(0.06, 0.2) * sr)
+    durations = {"vowel": (0.12, 0.38), "fricative": (0.06, 0.16), "stop": (0.04, 0.09),
+                 "pause": (0.08, 0.25)}
+    segments: list[_Segment] = []
+    while cursor < end:
+        syllable = ["vowel"]
+        onset = rng.choice(3, p=[0.4, 0.35, 0.25])
+        if onset:
+            syllable.insert(0, ("fricative", "stop")[onset - 1])
+        if rng.random() < 0.2:
+            syllable.append("fricative")
+        if rng.random() < 0.2:
+            syllable.append("pause")
+        for kind in syllable:
+            low, high = durations[kind]
+            stop = min(cursor + int(rng.uniform(low, high) * sr), end)
+            if stop - cursor < int(0.04 * sr):
+                return segments
+            segments.append(_Segment(kind, cursor, stop))
+            cursor = stop
+    return segments
+
+
+def _smooth(x: np.ndarray, width: int) -> np.ndarray:
+    """Centred moving average over ``width`` samples, the edges extended by repetition."""
+    if width < 2:
+        return x
+    half = width // 2
+    padded = np.pad(x, (half, width - 1 - half), mode="edge")
+    total = np.concatenate(([0.0], np.cumsum(padded)))
+    return (total[width:] - total[:-width]) / width
+
+
+def _glottal_flow(phase: np.ndarray, open_phase: float, closing_phase: float) -> np.ndarray:
+    """Rosenberg-like flow pulse in [0, 1] at cycle position ``phase`` in [0, 1).
+
+    Both the rise and the fall are half cosines, so the flow and its slope are continuous:
+    the sampled pulse train then aliases very little (harmonics fall as 1 / n^3)."""
+    rising = 0.5 - 0.5 * np.cos(np.pi * np.minimum(phase / open_phase, 1.0))
+    falling = 0.5 + 0.5 * np.cos(np.pi * np.clip((phase - open_phase) / closing_phase, 0.0, 1.0))
+    return np.where(phase < open_phase, rising, falling)
+
+
+def _resonate(x: np.ndarray, freq: np.ndarray, bandwidth: np.ndarray, sr: int,
+              block: int = 512) -> np.ndarray:
+    """A second-order resonator with unit DC gain whose centre frequency and bandwidth
+    (Hz, one value per sample) may change at every sample.
+
+    The pole pair ``p, conj(p)`` is run as one complex first-order recursion
+    ``z[n] = p[n] z[n-1] + x[n]`` with ``y = Re(c z)``, the partial-fraction form of the
+    resonator. Within a block the recursion has a closed form (cumulative products and
+    sums), so only the state carried from block to block needs a Python loop."""
+    n = len(x)
+    radius = np.exp(-np.pi * bandwidth / sr)
+    theta = 2.0 * np.pi * freq / sr
+    pole = radius * np.exp(1j * theta)
+    gain = 1.0 - 2.0 * radius * np.cos(theta) + radius**2
+    out_weight = gain * pole / (1j * pole.imag)
+
+    n_blocks = -(-n // block)
+    pad = n_blocks * block - n
+    poles = np.pad(pole, (0, pad), mode="edge").reshape(n_blocks, block)
+    inputs = np.pad(x, (0, pad)).reshape(n_blocks, block)
+    # |decay| >= radius**block stays far from underflow for speech bandwidths.
+    decay = np.cumprod(poles, axis=1)
+    state = decay * np.cumsum(inputs / decay, axis=1)
+    carried = np.empty(n_blocks, dtype=complex)
+    previous = 0j
+    for b, (last, through) in enumerate(zip(state[:, -1].tolist(), decay[:, -1].tolist())):
+        carried[b] = previous
+        previous = last + through * previous
+    state += decay * carried[:, None]
+    return np.real(out_weight * state.reshape(-1)[:n])
+
+
+def _ramp(length: int, ramp: int) -> np.ndarray:
+    """1.0 with half-cosine fades of ``ramp`` samples at both ends."""
+    envelope = np.ones(length)
+    ramp = max(1, min(ramp, length // 2))
+    fade = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+    envelope[:ramp] = fade
+    envelope[length - ramp:] = np.minimum(envelope[length - ramp:], fade[::-1])
+    return envelope
+
+
+def _band_noise(rng: np.random.Generator, length: int, band: tuple[float, float],
+                sr: int) -> np.ndarray:
+    """Unit-RMS noise band-passed to ``band`` (Hz), trimmed to the Nyquist limit."""
+    low, high = band[0] * rng.uniform(0.85, 1.15), min(band[1], 0.45 * sr)
+    sos = butter(4, [low, high], btype="bandpass", fs=sr, output="sos")
+    settle = 256  # drop the filter's start-up transient
+    noise = sosfilt(sos, rng.standard_normal(length + settle))[settle:]
+    return noise / (np.sqrt(np.mean(noise**2)) + 1e-12)
+
+
+def _voiced_branch(rng: np.random.Generator, speaker: _Speaker, segments: list[_Segment],
+                   n_samples: int, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vowels through the formant cascade: (audio [T], voiced mask [T], frequency [T] Hz)."""
+    t = np.arange(n_samples) / sr
+    duration = n_samples / sr
+    vowels = [s for s in segments if s.kind == "vowel"]
+
+    # Pitch contour in semitones around the speaker's base pitch.
+    semitones = rng.normal(0.0, 1.0) - rng.uniform(1.0, 4.0) * t / duration
+    drift_knots = np.arange(0.0, duration + 0.25, 0.25)
+    semitones = semitones + np.interp(t, drift_knots, rng.normal(0.0, 0.6, len(drift_knots)))
+    for seg in vowels:
+        centre = rng.uniform(seg.start, seg.stop) / sr
+        width = rng.uniform(0.05, 0.12)
+        lo, hi = max(0, int((centre - 4 * width) * sr)), min(n_samples, int((centre + 4 * width) * sr))
+        semitones[lo:hi] += rng.uniform(0.0, 3.0) * np.exp(-0.5 * ((t[lo:hi] - centre) / width) ** 2)
+    last = vowels[-1]
+    final_shape = np.clip((t - last.start / sr) / ((last.stop - last.start) / sr), 0.0, 1.0) ** 2
+    final_move = rng.uniform(2.0, 5.0) if rng.random() < 0.25 else -rng.uniform(1.0, 3.0)
+    semitones = semitones + final_move * final_shape
+    f0 = np.clip(speaker.base_f0 * 2.0 ** (semitones / 12.0), *_F0_RANGE_HZ)
+    f0 = _smooth(f0, int(0.02 * sr))
+    # Jitter: an independent period perturbation roughly once per cycle.
+    jitter_knots = np.arange(0.0, duration + 0.01, 1.0 / speaker.base_f0)
+    jitter = rng.normal(0.0, speaker.jitter, len(jitter_knots))
+    frequency = f0 * (1.0 + np.interp(t, jitter_knots, jitter))
+
+    # Glottal source; integrating the frequency keeps the phase continuous.
+    phase = rng.random() + np.cumsum(frequency) / sr
+    cycle = np.floor(phase).astype(np.int64)
+    flow = _glottal_flow(phase - cycle, speaker.open_phase, speaker.closing_phase)
+    # Shimmer: each cycle starts and ends in the closed phase (zero flow), so a per-cycle
+    # gain changes nothing abruptly.
+    shimmer = 1.0 + rng.normal(0.0, speaker.shimmer, cycle[-1] - cycle[0] + 1)
+    flow = flow * shimmer[cycle - cycle[0]]
+    radiated = np.diff(flow, prepend=0.0)
+    excitation = radiated - speaker.emphasis * np.concatenate(([0.0], radiated[:-1]))
+    breath = rng.standard_normal(n_samples) * (0.3 + flow)
+    excitation = excitation + speaker.breathiness * np.std(excitation) * breath
+
+    # Voicing: stressed and unstressed syllables, fades at the edges of each voiced run.
+    voiced = np.zeros(n_samples, dtype=bool)
+    stress_times, stress_gains = [], []
+    for seg in vowels:
+        voiced[seg.start:seg.stop] = True
+        stress_times.append(0.5 * (seg.start + seg.stop) / sr)
+        stress_gains.append(rng.uniform(0.5, 1.0))
+    envelope = np.interp(t, stress_times, stress_gains) * (1.0 - 0.3 * t / duration)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], voiced.astype(np.int8), [0]))))
+    for start, stop in zip(edges[::2], edges[1::2]):
+        envelope[start:stop] *= _ramp(stop - start, int(rng.uniform(0.01, 0.025) * sr))
+    envelope[~voiced] = 0.0
+    excitation = excitation * envelope
+
+    # Formant tracks: one or two vowel targets per vowel, held through consonants.
+    knot_times, knot_freqs, knot_bws = [], [], []
+    for seg in vowels:
+        n_targets = 1 + int(rng.random() < 0.4)
+        for k in range(n_targets):
+            knot_times.append((seg.start + (k + 0.5) / n_targets * (seg.stop - seg.start)) / sr)
+            f123 = _VOWEL_FORMANTS[rng.integers(len(_VOWEL_FORMANTS))] * speaker.formant_scale
+            freqs = np.concatenate((f123, [speaker.f4, speaker.f5])) * rng.normal(1.0, 0.03, 5)
+            knot_freqs.append(freqs)
+            knot_bws.append(speaker.bandwidths * rng.uniform(0.85, 1.2, 5))
+    knot_freqs, knot_bws = np.array(knot_freqs), np.array(knot_bws)
+    glide = int(0.03 * sr)
+    audio = excitation
+    for k in range(5):
+        freq = _smooth(np.interp(t, knot_times, knot_freqs[:, k]), glide)
+        bandwidth = _smooth(np.interp(t, knot_times, knot_bws[:, k]), glide)
+        audio = _resonate(audio, np.minimum(freq, 0.45 * sr), bandwidth, sr)
+    return audio, voiced, frequency
+
+
+def generate_utterance(index: int, seed: int = 0, sample_rate: int = DEMO_SAMPLE_RATE,
+                       hop_length: int = DEMO_HOP) -> DemoUtterance:
+    """Utterance ``index`` of the demo corpus drawn with ``seed``; see the module docstring."""
+    if index < 0 or seed < 0:
+        raise ValueError(f"index and seed must be non-negative (got {index}, {seed})")
+    sr = int(sample_rate)
+    rng = np.random.default_rng([seed, _UTTERANCE_STREAM, index])
+    speaker = _speaker(seed, index % _N_SPEAKERS)
+    n_samples = int(rng.uniform(1.0, 3.0) * sr)
+    segments = _plan(rng, n_samples, sr)
+
+    voiced_audio, voiced, frequency = _voiced_branch(rng, speaker, segments, n_samples, sr)
+    voiced_rms = np.sqrt(np.mean(voiced_audio[voiced] ** 2))
+    audio = voiced_audio / voiced_rms
+    for seg in segments:
+        length = seg.stop - seg.start
+        if seg.kind == "fricative":
+            band = _FRICATIVE_BANDS[rng.integers(len(_FRICATIVE_BANDS))]
+            level = 10.0 ** (rng.uniform(-20.0, -8.0) / 20.0)
+            shape = _ramp(length, int(rng.uniform(0.015, 0.03) * sr))
+            audio[seg.start:seg.stop] += level * shape * _band_noise(rng, length, band, sr)
+        elif seg.kind == "stop":
+            # Closure (silence), then a burst at the release.
+            burst = min(length, int(rng.uniform(0.008, 0.02) * sr))
+            band = _BURST_BANDS[rng.integers(len(_BURST_BANDS))]
+            level = 10.0 ** (rng.uniform(-14.0, -4.0) / 20.0)
+            shape = np.exp(-3.0 * np.arange(burst) / burst) * _ramp(burst, int(0.001 * sr) + 1)
+            audio[seg.stop - burst:seg.stop] += level * shape * _band_noise(rng, burst, band, sr)
+
+    peak = float(np.exp(rng.uniform(np.log(0.1), np.log(0.9))))
+    audio *= peak / np.max(np.abs(audio))
+    floor_db = rng.uniform(-65.0, -50.0)
+    audio += peak * 10.0 ** (floor_db / 20.0) * rng.standard_normal(n_samples)
+
+    centres = np.minimum(np.arange(n_samples // hop_length + 1) * hop_length, n_samples - 1)
+    f0 = np.where(voiced[centres], frequency[centres], 0.0)
+    return DemoUtterance(name=f"demo_{index:04d}", audio=audio.astype(np.float32),
+                         f0=f0.astype(np.float32), sample_rate=sr)
+
+
+def generate_demo_corpus(n_utterances: int = 300, seed: int = 0,
+                         sample_rate: int = DEMO_SAMPLE_RATE,
+                         hop_length: int = DEMO_HOP) -> list[DemoUtterance]:
+    """Utterances ``0 .. n_utterances - 1``; each equals its own :func:`generate_utterance`."""
+    return [generate_utterance(i, seed, sample_rate, hop_length) for i in range(n_utterances)]
+
+
+def demo_split(index: int, n_utterances: int) -> str:
+    """The fixed split of utterance ``index`` in a corpus of ``n_utterances``.
+
+    The last ``k`` utterances are "test", the ``k`` before them "valid", the rest "train",
+    with ``k = max(2, n_utterances // 20)`` (15 of 300), lowered only so that at least one
+    training utterance remains in tiny corpora."""
+    if not 0 <= index < n_utterances:
+        raise ValueError(f"index {index} outside a demo corpus of {n_utterances}")
+    held_out = min(max(2, n_utterances // 20), (n_utterances - 1) // 2)
+    if index >= n_utterances - held_out:
+        return "test"
+    if index >= n_utterances - 2 * held_out:
+        return "valid"
+    return "train"
+
+
+__all__ = ["DEMO_HOP", "DEMO_SAMPLE_RATE", "DemoUtterance", "demo_split",
+           "generate_demo_corpus", "generate_utterance"]

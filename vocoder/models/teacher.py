@@ -1,0 +1,190 @@
+"""The teacher: an autoregressive WaveNet with a Gaussian output, i.e. a Masked
+Autoregressive Flow from noise ``z`` to audio ``x``:
+
+    x_t = mu_t(x_<t, c) + sigma_t(x_<t, c) * z_t,   z_t ~ N(0, 1)
+
+Scoring audio is one parallel pass (``z_t = (x_t - mu_t) / sigma_t``); sampling is sequential,
+one cached WaveNet step per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vocoder.models.base import Vocoder
+from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
+
+LOG_2PI = math.log(2 * math.pi)
+# Audio in [-1, 1] comes from 16-bit integers k / 32768: one quantisation step.
+QUANTISATION_STEP = 1.0 / 32768
+# Elements of per-layer conditioning computed ahead of the sampling loop at a time.
+_TERMS_BUDGET = 1 << 22
+
+
+def gaussian_log_prob(x: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+    """Elementwise ``log N(x; mu, exp(log_sigma)^2)`` in nats."""
+    z = (x - mu) * torch.exp(-log_sigma)
+    return -0.5 * (z * z + LOG_2PI) - log_sigma
+
+
+class Teacher(Vocoder):
+    """WaveNet MAF teacher.
+
+    Architecture keywords (all returned by :meth:`arch_config`):
+
+    * ``n_layers``, ``cycle_length``: residual layers, dilation ``2 ** (i % cycle_length)``;
+    * ``residual_channels``, ``gate_channels`` (even; half go through tanh, half through
+      sigmoid), ``skip_channels``, ``kernel_size``: the WaveNet widths;
+    * ``cond_channels``: channels of the upsampled mel that every layer sees;
+    * ``upsample_scales``: stretch factors of the mel upsampler, product ``hop_length``
+      (``None``: factored from ``hop_length``, e.g. 256 -> [4, 4, 4, 4]);
+    * ``frame_context``: mel frames on each side the upsampler's first convolution sees;
+    * ``log_sigma_min``: floor of the predicted log standard deviation;
+    * ``weight_norm``: weight-normalise the WaveNet's convolutions while training.
+    """
+
+    kind = "teacher"
+
+    def __init__(self, n_mels: int, hop_length: int, n_layers: int = 24, cycle_length: int = 8,
+                 residual_channels: int = 128, gate_channels: int = 256,
+                 skip_channels: int = 128, kernel_size: int = 3, cond_channels: int = 80,
+                 upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
+                 log_sigma_min: float = -7.0, weight_norm: bool = False):
+        super().__init__(n_mels, hop_length)
+        self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
+                                      frame_context)
+        self.wavenet = WaveNetStack(
+            in_channels=1, out_channels=2, n_layers=n_layers, cycle_length=cycle_length,
+            residual_channels=residual_channels, gate_channels=gate_channels,
+            skip_channels=skip_channels, kernel_size=kernel_size, cond_channels=cond_channels,
+            weight_norm=weight_norm,
+        )
+        self.log_sigma_min = float(log_sigma_min)
+        self._arch = dict(
+            n_layers=n_layers, cycle_length=cycle_length, residual_channels=residual_channels,
+            gate_channels=gate_channels, skip_channels=skip_channels, kernel_size=kernel_size,
+            cond_channels=cond_channels, upsample_scales=list(self.upsampler.scales),
+            frame_context=frame_context, log_sigma_min=self.log_sigma_min,
+            weight_norm=weight_norm,
+        )
+
+    def arch_config(self) -> dict:
+        return dict(self._arch)
+
+    @property
+    def receptive_field(self) -> int:
+        """Past samples one output sees: ``mu_t`` depends on ``x[t - receptive_field : t]``."""
+        return self.wavenet.receptive_field
+
+    def _conditioning(self, mel: Tensor, length: int) -> Tensor:
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"mel must be [B, {self.n_mels}, F], got {tuple(mel.shape)}")
+        if mel.shape[-1] * self.hop_length != length:
+            raise ValueError(f"{length} samples need {length / self.hop_length:g} mel frames "
+                             f"(hop {self.hop_length}), got {mel.shape[-1]}")
+        return self.upsampler(mel)
+
+    def forward(self, x: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(mu, log_sigma)``, each ``[B, T]``.
+
+        Position ``t`` sees ``x[:, :t]`` (the network reads ``x`` shifted right by one, zero
+        first) and the mel. ``log_sigma`` is clamped at ``log_sigma_min`` with
+        ``torch.clamp``: below the floor its gradient is zero, so the floor cannot be pushed
+        through while the mean keeps learning.
+        """
+        cond = self._conditioning(mel, x.shape[-1])
+        shifted = F.pad(x, (1, -1)).unsqueeze(1)
+        out = self.wavenet(shifted, cond)
+        return out[:, 0], torch.clamp(out[:, 1], min=self.log_sigma_min)
+
+    def log_prob(self, x: Tensor, mel: Tensor) -> Tensor:
+        """``log p(x | mel)`` in nats per utterance ``[B]``: the sum over time of
+        ``log N(z_t) - log_sigma_t`` with ``z = (x - mu) / sigma``."""
+        mu, log_sigma = self(x, mel)
+        return gaussian_log_prob(x, mu, log_sigma).sum(-1)
+
+    def training_loss(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Negative log-likelihood in nats per sample of dequantised audio.
+
+        ``audio`` holds 16-bit values as ``k / 32768``; adding ``U(-0.5, 0.5) / 32768`` spreads
+        each value over its quantisation bin, so the continuous density is a proper bound for
+        the discrete data. Metrics: ``nll`` (nats per sample, of the density over amplitudes in
+        [-1, 1], so it can be negative), ``bits_per_sample`` (the implied code length of the
+        16-bit integers, ``(nll + ln 32768) / ln 2``) and ``log_sigma_mean``.
+        """
+        x = audio + (torch.rand_like(audio) - 0.5) * QUANTISATION_STEP
+        mu, log_sigma = self(x, mel)
+        loss = -gaussian_log_prob(x, mu, log_sigma).mean()
+        nll = float(loss.detach())
+        metrics = {
+            "nll": nll,
+            "bits_per_sample": (nll - math.log(QUANTISATION_STEP)) / math.log(2),
+            "log_sigma_mean": float(log_sigma.detach().mean()),
+        }
+        return loss, metrics
+
+    def _noise(self, mel: Tensor, z: Tensor | None) -> Tensor:
+        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
+        if z is None:
+            return torch.randn(shape, device=mel.device, dtype=mel.dtype)
+        if tuple(z.shape) != shape:
+            raise ValueError(f"z must be {list(shape)} for this mel, got {list(z.shape)}")
+        return z.to(mel)
+
+    @torch.no_grad()
+    def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0) -> Tensor:
+        """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]``, one sample at a time.
+
+        ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
+        deterministic), scaled by the temperature ``sigma``. The mel is upsampled once; the
+        per-layer conditioning is projected ahead in blocks of steps; each step then runs the
+        cached WaveNet (:class:`~vocoder.nn.wavenet.IncrementalStack`) on the previous sample.
+        """
+        mel = mel.to(self.wavenet.input.weight)
+        noise = self._noise(mel, z)
+        batch, length = noise.shape
+        cond = self._conditioning(mel, length)
+        stepper = self.wavenet.reset_state(batch)
+        # Time-major [T, B, 1], so iterating yields each step's [B, 1] views without copies.
+        noise = (noise * sigma).t().contiguous().unsqueeze(-1)
+        x = torch.empty_like(noise)
+        previous = torch.zeros_like(noise[0])
+        scale = torch.empty_like(previous)
+        mu, log_sigma = stepper.output[:, 0:1], stepper.output[:, 1:2]
+        block = max(1, _TERMS_BUDGET // (batch * self.wavenet.n_layers
+                                         * self.wavenet.gate_channels))
+        for start in range(0, length, block):
+            stop = min(start + block, length)
+            terms = stepper.conditioning_terms(cond[:, :, start:stop])
+            for terms_t, noise_t, x_t in zip(terms, noise[start:stop], x[start:stop]):
+                stepper.step(previous, terms_t)
+                torch.clamp(log_sigma, min=self.log_sigma_min, out=scale)
+                scale.exp_()
+                torch.addcmul(mu, scale, noise_t, out=x_t)
+                previous = x_t
+        self.wavenet.clear_state()
+        return x.squeeze(-1).t().contiguous()
+
+    @torch.no_grad()
+    def _sample_naive(self, mel: Tensor, z: Tensor) -> Tensor:
+        """Reference sampler for tests: the full parallel forward over the whole sequence at
+        every step (quadratic time)."""
+        z = self._noise(mel, z)
+        x = torch.zeros_like(z)
+        for t in range(x.shape[-1]):
+            mu, log_sigma = self(x, mel)
+            x[:, t] = mu[:, t] + torch.exp(log_sigma[:, t]) * z[:, t]
+        return x
+
+    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]``; ``sigma`` defaults to 1.0."""
+        return self.sample(mel, sigma=1.0 if sigma is None else sigma)
+
+    def prepare_for_inference(self) -> Teacher:
+        self.wavenet.remove_weight_norm()
+        return self

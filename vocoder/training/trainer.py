@@ -1,0 +1,459 @@
+"""The one trainer, shared by the teacher, WaveGlow and the distilled student.
+
+What it guarantees:
+
+* **Checkpoints** go to ``RUN_DIR/checkpoints/``: ``last.pt``, ``best.pt`` (lowest validation
+  loss) and the ``keep_last`` most recent ``step_*.pt``, each written atomically.
+* **Resume**: rerunning the same command continues from ``last.pt`` with model, optimiser,
+  scheduler, EMA, step, data position and RNG states restored, so N steps + resume + M steps
+  equals N + M steps in one go.
+* **Interruption**: SIGINT/SIGTERM save a checkpoint at the next step boundary and exit.
+* **Numerical faults**: a non-finite loss or gradient skips the step (counted and logged);
+  ``max_nonfinite`` in a row stop the run after saving the last good state.
+* **Scale-out**: under torchrun every process trains on its shard (DDP); only rank 0 writes.
+
+The trained module is ``model`` (a :class:`~vocoder.models.base.Vocoder`); the loss comes from
+``make_objective(model)``, an ``nn.Module`` whose ``forward(audio, mel)`` returns
+``(loss, metrics)``. The default objective is the model's own ``training_loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vocoder.data.corpus import PreparedCorpus
+from vocoder.data.dataset import SegmentDataset, SegmentSampler, validation_batches
+from vocoder.errors import VocoderError
+from vocoder.training import distributed as D
+from vocoder.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+
+
+class TrainingLoss(nn.Module):
+    """Default objective: the model's own ``training_loss`` (maximum likelihood)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio, mel):
+        return self.model.training_loss(audio, mel)
+
+
+class NonFiniteError(VocoderError):
+    pass
+
+
+def _lr_lambda(cfg) -> Callable[[int], float]:
+    warmup = max(int(cfg.warmup_steps), 0)
+    kind = cfg.schedule
+    total = max(int(cfg.max_steps), 1)
+    floor = float(cfg.lr_min_ratio)
+
+    def factor(step: int) -> float:
+        w = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if kind == "constant":
+            return w
+        if kind == "exponential":
+            return w * 0.5 ** (step / float(cfg.lr_half_life))
+        if kind == "cosine":
+            progress = min(step / total, 1.0)
+            return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        raise VocoderError(f"unknown trainer.schedule {kind!r} (cosine, exponential, constant)")
+
+    return factor
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(
+            json.dumps(_np_state_to_list()).encode(), dtype=np.uint8).copy()),
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _np_state_to_list():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].tolist()).decode())
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains ``model`` on a prepared corpus; see the module docstring for the guarantees.
+
+    ``cfg`` is the full run config (needs ``trainer``, ``seed``, ``run_dir``); ``features`` is
+    the MelConfig dict stored in checkpoints; ``extra`` goes into every checkpoint.
+    """
+
+    def __init__(self, cfg, model: nn.Module, corpus: PreparedCorpus, features: dict,
+                 make_objective: Callable[[nn.Module], nn.Module] = TrainingLoss,
+                 extra: dict | None = None, log=print):
+        self.cfg, self.tcfg = cfg, cfg.trainer
+        self.features, self.extra, self.log = features, dict(extra or {}), log
+        self.dist = D.init_distributed(str(self.tcfg.device))
+        self.device = D.resolve_device(str(self.tcfg.device), self.dist)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.corpus = corpus
+
+        torch.manual_seed(int(cfg.seed) + self.dist.rank)
+        np.random.seed(int(cfg.seed) + self.dist.rank)
+        random.seed(int(cfg.seed) + self.dist.rank)
+
+        self.model = model.to(self.device)
+        self.ema_model = copy.deepcopy(self.model).eval()
+        for p in self.ema_model.parameters():
+            p.requires_grad_(False)
+        self.objective = make_objective(self.model).to(self.device)
+        self.ema_objective = make_objective(self.ema_model).to(self.device)
+        self.train_objective = self.objective
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_objective = DDP(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=float(self.tcfg.lr),
+                                          betas=tuple(self.tcfg.betas),
+                                          weight_decay=float(self.tcfg.weight_decay))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.tcfg))
+        amp = str(self.tcfg.amp)
+        if amp not in ("none", "bf16", "fp16"):
+            raise VocoderError(f"unknown trainer.amp {amp!r} (none, bf16, fp16)")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        if self.amp_dtype is not None and self.device.type != "cuda":
+            self.log(f"note: trainer.amp={amp} applies on CUDA only; training in fp32 on CPU")
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.step = 0
+        self.batches_consumed = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.best_val = math.inf
+        self.last_val: dict = {}
+        self._stop_signal: int | None = None
+        self._writer = None
+        self._metrics_file = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> dict:
+        from omegaconf import OmegaConf
+
+        return make_checkpoint(
+            self.model, self.features,
+            ema=self.ema_model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            step=self.step,
+            data_state={"batches_consumed": self.batches_consumed},
+            rng=_rng_state(),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            metrics=dict(self.last_val),
+            trainer_state={"nonfinite_total": self.nonfinite_total, "best_val": self.best_val},
+            extra=self.extra,
+        )
+
+    def save(self, best: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        ckpt = self._checkpoint()
+        step_path = self.ckpt_dir / f"step_{self.step:08d}.pt"
+        save_checkpoint(ckpt, step_path)
+        save_checkpoint(ckpt, self.ckpt_dir / "last.pt")
+        if best:
+            save_checkpoint(ckpt, self.ckpt_dir / "best.pt")
+        old = sorted(self.ckpt_dir.glob("step_*.pt"))[: -max(int(self.tcfg.keep_last), 1)]
+        for p in old:
+            p.unlink(missing_ok=True)
+
+    def resume(self) -> bool:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return False
+        ckpt = load_checkpoint(path, map_location=self.device, kind=self.model.kind)
+        if ckpt["features"] != dict(self.features):
+            raise VocoderError(
+                f"{path}: trained with mel preset {ckpt['features'].get('name')!r}, this run uses "
+                f"{self.features.get('name')!r}; use another run_dir"
+            )
+        if ckpt["arch"] != self.model.arch_config():
+            raise VocoderError(f"{path}: model architecture differs from this run's config; "
+                               f"use another run_dir")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema_model.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.batches_consumed = int(ckpt["data_state"]["batches_consumed"])
+        ts = ckpt.get("trainer_state", {})
+        self.nonfinite_total = int(ts.get("nonfinite_total", 0))
+        self.best_val = float(ts.get("best_val", math.inf))
+        self.last_val = dict(ckpt.get("metrics", {}))
+        # Every rank restores rank 0's RNG, then offsets its own the same way as at start.
+        _set_rng_state(ckpt["rng"])
+        if self.dist.rank:
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,)).item()) + self.dist.rank)
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        if self.tcfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self.log("note: tensorboard is not installed; logging to metrics.jsonl only")
+
+    def _write_metrics(self, kind: str, values: dict) -> None:
+        if not self.dist.is_main:
+            return
+        row = {"kind": kind, "step": self.step, **values}
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+        if self._writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._writer.add_scalar(f"{kind}/{k}", v, self.step)
+
+    def _log_audio(self, batch) -> None:
+        if self._writer is None or not hasattr(self.ema_model, "synthesize"):
+            return
+        audio, mel = batch
+        frames = min(int(self.tcfg.audio_frames), mel.shape[-1])
+        with torch.no_grad():
+            fake = self.ema_model.synthesize(mel[:1, :, :frames].to(self.device)).float().cpu()
+        sr = int(self.features["sample_rate"])
+        self._writer.add_audio("sample/generated", fake[0].clamp(-1, 1), self.step, sample_rate=sr)
+        self._writer.add_audio("sample/reference", audio[0, : fake.shape[-1]], self.step,
+                               sample_rate=sr)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            from vocoder.features import MelFrontEnd
+
+            fe = MelFrontEnd.from_dict(self.features)
+            fig, axes = plt.subplots(2, 1, figsize=(6, 4), sharex=True)
+            for ax, x, title in ((axes[0], audio[0, : fake.shape[-1]], "reference"),
+                                 (axes[1], fake[0], "generated")):
+                ax.imshow(fe(x.clamp(-1, 1)).numpy(), origin="lower", aspect="auto")
+                ax.set_title(title)
+            fig.tight_layout()
+            self._writer.add_figure("sample/mel", fig, self.step)
+            plt.close(fig)
+        except Exception as e:  # noqa: BLE001 - a picture must never stop training
+            self.log(f"note: could not draw the mel picture ({e})")
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, batches) -> dict:
+        self.ema_objective.eval()
+        totals: dict[str, float] = defaultdict(float)
+        count = 0
+        for audio, mel in batches:
+            audio, mel = audio.to(self.device), mel.to(self.device)
+            loss, metrics = self.ema_objective(audio, mel)
+            n = audio.shape[0]
+            totals["loss"] += float(loss) * n
+            for k, v in metrics.items():
+                totals[k] += float(v) * n
+            count += n
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = float(self.tcfg.ema_decay)
+        # Early in training a plain average of what was seen beats a cold EMA.
+        decay = min(decay, (1 + self.step) / (10 + self.step))
+        ema_params = [p for p in self.ema_model.parameters()]
+        params = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            be.copy_(b)
+
+    def _train_step(self, audio, mel) -> tuple[bool, dict]:
+        """One optimiser step; returns (applied, metrics)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss, metrics = self.train_objective(audio, mel)
+        # Backward runs even for a non-finite loss so every DDP rank joins the gradient
+        # all-reduce; the non-finite gradients it makes are then discarded everywhere.
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = float(self.tcfg.grad_clip) if self.tcfg.grad_clip else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        metrics = dict(metrics, grad_norm=float(grad_norm))
+        finite = not D.all_reduce_flag(not finite, self.dist, self.device)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self._update_ema()
+            metrics["loss"] = float(loss)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() / 2)
+        return finite, metrics
+
+    def fit(self) -> dict:
+        """Train until ``trainer.max_steps``; returns the last validation metrics."""
+        t = self.tcfg
+        self.resume()
+        max_steps = int(t.max_steps)
+        if self.step >= max_steps:
+            self.log(f"already at step {self.step} >= trainer.max_steps={max_steps}; nothing to do")
+            return self.last_val
+        self._open_logs()
+        segment_frames = int(t.segment_frames)
+        dataset = SegmentDataset(self.corpus, "train", segment_frames)
+        sampler = SegmentSampler(len(dataset), int(self.cfg.seed), self.dist.rank,
+                                 self.dist.world_size,
+                                 start=self.batches_consumed * int(t.batch_size))
+        loader = DataLoader(dataset, batch_size=int(t.batch_size), sampler=sampler,
+                            num_workers=int(t.num_workers), drop_last=True,
+                            pin_memory=self.device.type == "cuda",
+                            persistent_workers=False, generator=torch.Generator(),
+                            multiprocessing_context="fork" if int(t.num_workers) > 0 else None)
+        val_batches = []
+        if self.dist.is_main:
+            val_split = "valid" if self.corpus.entries("valid") else "train"
+            val_frames = min(int(t.val_frames), max(e["frames"] for e in self.corpus.entries(val_split)))
+            val_batches = validation_batches(self.corpus, val_split, int(t.val_utterances),
+                                             val_frames, int(t.val_batch_size))
+        previous_handlers = self._install_signal_handlers()
+        progress = None
+        if self.dist.is_main and t.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=max_steps, initial=self.step, desc=f"train {self.model.kind}",
+                            unit="step", dynamic_ncols=True)
+        running: dict[str, float] = defaultdict(float)
+        n_running, t_last, samples_last = 0, time.perf_counter(), 0
+        try:
+            for audio, mel in loader:
+                audio = audio.to(self.device, non_blocking=True)
+                mel = mel.to(self.device, non_blocking=True)
+                applied, metrics = self._train_step(audio, mel)
+                self.batches_consumed += 1
+                samples_last += audio.numel() * self.dist.world_size
+                if not applied:
+                    self.nonfinite_total += 1
+                    self.nonfinite_run += 1
+                    self.log(f"warning: step {self.step}: non-finite loss or gradient, step skipped "
+                             f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
+                    self._write_metrics("nonfinite", {"in_a_row": self.nonfinite_run,
+                                                      "total": self.nonfinite_total})
+                    if self.nonfinite_run >= int(t.max_nonfinite):
+                        self.save()
+                        raise NonFiniteError(
+                            f"{self.nonfinite_run} non-finite steps in a row at step {self.step}: "
+                            f"the learning rate ({self.scheduler.get_last_lr()[0]:.2e}) is likely "
+                            f"too high, or the data holds extreme values; the last good state is "
+                            f"in {self.ckpt_dir / 'last.pt'}"
+                        )
+                    continue
+                self.nonfinite_run = 0
+                self.step += 1
+                for k, v in metrics.items():
+                    running[k] += v
+                n_running += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.step % int(t.log_every) == 0 or self.step == max_steps:
+                    elapsed = time.perf_counter() - t_last
+                    row = {k: v / n_running for k, v in running.items()}
+                    row.update(lr=self.scheduler.get_last_lr()[0],
+                               samples_per_s=samples_last / max(elapsed, 1e-9),
+                               steps_per_s=n_running / max(elapsed, 1e-9))
+                    self._write_metrics("train", row)
+                    running.clear()
+                    n_running, t_last, samples_last = 0, time.perf_counter(), 0
+                due_val = self.step % int(t.val_every) == 0 or self.step == max_steps
+                best = False
+                if due_val and self.dist.is_main and val_batches:
+                    self.last_val = self.validate(val_batches)
+                    best = self.last_val["loss"] < self.best_val
+                    self.best_val = min(self.best_val, self.last_val["loss"])
+                    self._write_metrics("valid", self.last_val)
+                    if progress is not None:
+                        progress.write(f"step {self.step}: validation " + ", ".join(
+                            f"{k}={v:.4f}" for k, v in self.last_val.items()))
+                    if t.audio_every and self.step % int(t.audio_every) == 0:
+                        self._log_audio(val_batches[0])
+                stop = D.all_reduce_flag(self._stop_signal is not None, self.dist, self.device)
+                if (self.step % int(t.ckpt_every) == 0 or self.step == max_steps or stop
+                        or best):
+                    self.save(best=best)
+                    D.barrier(self.dist)
+                if stop:
+                    self.log(f"stopped by signal at step {self.step}; checkpoint saved to "
+                             f"{self.ckpt_dir / 'last.pt'}; rerun the same command to resume")
+                    break
+                if self.step >= max_steps:
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            if self._writer is not None:
+                self._writer.close()
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+        return self.last_val
