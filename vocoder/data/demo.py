@@ -6,13 +6,16 @@ same split real speech production is usually described by:
 * **Source.** During vowels a glottal pulse train drives the vocal tract. Each period is a
   smooth Rosenberg-like glottal flow pulse (opening phase, closing phase, closed phase); its
   first difference models radiation at the lips and a speaker-dependent pre-emphasis sets the
-  spectral tilt. The period follows a moving pitch contour (speaker base pitch, declination,
-  accents on syllables, a final rise or fall) whose instantaneous frequency is integrated into
-  a phase, so pitch glides never click. Small cycle-to-cycle period (jitter) and amplitude
-  (shimmer) changes and some breath noise keep it from sounding machine-made.
-* **Filter.** The source passes through a cascade of five second-order resonators (the
-  formants). Their centre frequencies and bandwidths glide sample by sample between vowel
-  targets scaled by the speaker's vocal tract length.
+  spectral tilt. The period follows a moving pitch contour within 80-300 Hz (speaker base
+  pitch, declination, accents on syllables, a final rise or fall) whose instantaneous
+  frequency is integrated into a phase, so pitch glides never click. Small cycle-to-cycle
+  period (jitter) and amplitude (shimmer) changes and some breath noise keep it from
+  sounding machine-made.
+* **Filter.** The source passes through a cascade of second-order resonators (the
+  formants). The centre frequencies and bandwidths of the lowest four glide between vowel
+  targets scaled by the speaker's vocal tract length, updated every ``_STEP`` samples while
+  the filter state runs on, so there are no block seams; formants 5 to 8 stay fixed per
+  speaker and keep weak harmonics up to about 8 kHz, as in real voices.
 * **Unvoiced sounds and silence.** Fricatives are band-passed noise, stops are a closure
   followed by a short decaying noise burst, and pauses hold only a low noise floor (never
   exact zeros). Each utterance gets its own peak level, so loudness varies across the corpus.
@@ -32,6 +35,7 @@ runs give byte-identical arrays. Ten speakers take turns (``index % 10``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy.signal import butter, sosfilt
@@ -62,8 +66,13 @@ _VOWEL_FORMANTS = np.array([
 # Noise bands (low, high) in Hz for fricatives ("s", "sh", "f", "h") and stop bursts.
 _FRICATIVE_BANDS = ((3800.0, 9000.0), (2000.0, 5500.0), (1200.0, 9000.0), (500.0, 4000.0))
 _BURST_BANDS = ((300.0, 2500.0), (3000.0, 9000.0), (1300.0, 3500.0))
+# Formants 5 to 8 of an adult male voice, (centre, bandwidth) in Hz; held fixed per speaker.
+_HIGHER_FORMANTS = ((4400.0, 300.0), (5500.0, 400.0), (6500.0, 500.0), (7500.0, 600.0))
 
 _F0_RANGE_HZ = (80.0, 300.0)
+# Control hop in samples: pitch, loudness and formant tracks are computed every _STEP
+# samples and interpolated linearly in between.
+_STEP = 32
 
 
 @dataclass
@@ -81,8 +90,7 @@ class _Speaker:
     base_f0: float            # Hz
     formant_scale: float      # multiplies the vowel table (shorter tract, higher formants)
     f4: float                 # Hz
-    f5: float                 # Hz
-    bandwidths: np.ndarray    # [5] Hz, one per formant
+    bandwidths: np.ndarray    # [4] Hz, formants 1 to 4
     open_phase: float         # fraction of a period the glottal flow rises
     closing_phase: float      # fraction of a period it falls
     emphasis: float           # pre-emphasis coefficient; higher is a brighter voice
@@ -101,8 +109,7 @@ def _speaker(seed: int, speaker_id: int) -> _Speaker:
         base_f0=base_f0,
         formant_scale=formant_scale,
         f4=float(3400.0 * formant_scale * rng.uniform(0.97, 1.03)),
-        f5=float(4400.0 * formant_scale * rng.uniform(0.97, 1.03)),
-        bandwidths=np.array([60.0, 90.0, 130.0, 220.0, 300.0]) * rng.uniform(0.8, 1.3, 5),
+        bandwidths=np.array([60.0, 90.0, 130.0, 220.0]) * rng.uniform(0.8, 1.3, 4),
         open_phase=float(rng.uniform(0.35, 0.5)),
         closing_phase=float(rng.uniform(0.12, 0.22)),
         emphasis=float(rng.uniform(0.5, 0.95)),
@@ -148,7 +155,7 @@ def _plan(rng: np.random.Generator, n_samples: int, sr: int) -> list[_Segment]:
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:
-    """Centred moving average over ``width`` samples, the edges extended by repetition."""
+    """Centred moving average over ``width`` points, the edges extended by repetition."""
     if width < 2:
         return x
     half = width // 2
@@ -157,46 +164,77 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
     return (total[width:] - total[:-width]) / width
 
 
+def _to_samples(track: np.ndarray, n_samples: int) -> np.ndarray:
+    """Linear interpolation of a control-rate track (point ``k`` at sample ``k * _STEP``,
+    at least ``n_samples // _STEP + 2`` points, real or complex) to ``[n_samples]``."""
+    ramp = np.arange(_STEP) / _STEP
+    dense = track[:-1, None] + np.diff(track)[:, None] * ramp
+    return dense.reshape(-1)[:n_samples]
+
+
 def _glottal_flow(phase: np.ndarray, open_phase: float, closing_phase: float) -> np.ndarray:
     """Rosenberg-like flow pulse in [0, 1] at cycle position ``phase`` in [0, 1).
 
-    Both the rise and the fall are half cosines, so the flow and its slope are continuous:
-    the sampled pulse train then aliases very little (harmonics fall as 1 / n^3)."""
-    rising = 0.5 - 0.5 * np.cos(np.pi * np.minimum(phase / open_phase, 1.0))
-    falling = 0.5 + 0.5 * np.cos(np.pi * np.clip((phase - open_phase) / closing_phase, 0.0, 1.0))
-    return np.where(phase < open_phase, rising, falling)
+    The rise and the fall are half cosines, so the flow and its slope are continuous and
+    the sampled pulse train aliases very little (harmonics fall as 1 / n^3). One cosine
+    covers both: its argument runs over [0, pi] while opening, [pi, 2 pi] while closing and
+    stays at 2 pi (zero flow) while the glottis is closed."""
+    opening = phase / open_phase
+    closing = 1.0 + np.minimum((phase - open_phase) / closing_phase, 1.0)
+    return 0.5 - 0.5 * np.cos(np.pi * np.where(phase < open_phase, opening, closing))
 
 
-def _resonate(x: np.ndarray, freq: np.ndarray, bandwidth: np.ndarray, sr: int,
-              block: int = 512) -> np.ndarray:
-    """A second-order resonator with unit DC gain whose centre frequency and bandwidth
-    (Hz, one value per sample) may change at every sample.
-
-    The pole pair ``p, conj(p)`` is run as one complex first-order recursion
-    ``z[n] = p[n] z[n-1] + x[n]`` with ``y = Re(c z)``, the partial-fraction form of the
-    resonator. Within a block the recursion has a closed form (cumulative products and
-    sums), so only the state carried from block to block needs a Python loop."""
-    n = len(x)
+def _resonator_track(freq: np.ndarray, bandwidth: np.ndarray,
+                     sr: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pole and output weight (complex, same shape as the inputs) of a second-order
+    resonator with unit gain at DC, centre ``freq`` and ``bandwidth`` in Hz."""
     radius = np.exp(-np.pi * bandwidth / sr)
     theta = 2.0 * np.pi * freq / sr
     pole = radius * np.exp(1j * theta)
     gain = 1.0 - 2.0 * radius * np.cos(theta) + radius**2
-    out_weight = gain * pole / (1j * pole.imag)
+    return pole, gain * (1.0 - 1j / np.tan(theta))
 
+
+@lru_cache(maxsize=64)
+def _higher_formants(formant_scale: float, sr: int) -> np.ndarray:
+    """Second-order sections [4, 6] of unit-DC-gain resonators for formants 5 to 8."""
+    sections = []
+    for freq, bandwidth in _HIGHER_FORMANTS:
+        pole, _ = _resonator_track(np.array(min(freq * formant_scale, 0.45 * sr)),
+                                   np.array(bandwidth), sr)
+        a1, a2 = -2.0 * pole.real, abs(pole) ** 2
+        sections.append([1.0 + a1 + a2, 0.0, 0.0, 1.0, a1, a2])
+    return np.array(sections)
+
+
+def _resonate(x: np.ndarray, pole: np.ndarray, weight: np.ndarray,
+              block: int = 512) -> np.ndarray:
+    """Run ``x`` [T] through a resonator whose pole and output weight (complex, one value
+    per ``_STEP`` samples, see :func:`_resonator_track`) glide along the signal.
+
+    The real pole pair ``p, conj(p)`` is run as one complex first-order recursion
+    ``z[n] = p[n] z[n-1] + x[n]`` read out as ``y = Re(w z)``, the partial-fraction form of
+    the resonator. The state ``z`` runs on across coefficient changes, so steps of ``_STEP``
+    samples leave no seams. Within a block the recursion has a closed form (cumulative
+    products and sums), so only the state carried between blocks needs a Python loop; with
+    speech bandwidths ``|p| ** block`` stays far from underflow."""
+    n = len(x)
     n_blocks = -(-n // block)
-    pad = n_blocks * block - n
-    poles = np.pad(pole, (0, pad), mode="edge").reshape(n_blocks, block)
-    inputs = np.pad(x, (0, pad)).reshape(n_blocks, block)
-    # |decay| >= radius**block stays far from underflow for speech bandwidths.
-    decay = np.cumprod(poles, axis=1)
-    state = decay * np.cumsum(inputs / decay, axis=1)
+    n_steps = n_blocks * block // _STEP
+    pole = np.pad(pole[:n_steps], (0, max(0, n_steps - len(pole))), mode="edge")
+    decay = np.cumprod(np.repeat(pole, _STEP).reshape(n_blocks, block), axis=1)
+    inputs = np.pad(x, (0, n_blocks * block - n)).reshape(n_blocks, block)
+    partial = np.cumsum(inputs / decay, axis=1)
     carried = np.empty(n_blocks, dtype=complex)
     previous = 0j
-    for b, (last, through) in enumerate(zip(state[:, -1].tolist(), decay[:, -1].tolist())):
+    for b, (last, through) in enumerate(zip(partial[:, -1].tolist(), decay[:, -1].tolist(),
+                                            strict=True)):
         carried[b] = previous
-        previous = last + through * previous
-    state += decay * carried[:, None]
-    return np.real(out_weight * state.reshape(-1)[:n])
+        previous = through * (last + previous)
+    partial += carried[:, None]
+    state = (decay * partial).reshape(n_steps, _STEP)
+    weight = np.pad(weight[:n_steps], (0, max(0, n_steps - len(weight))), mode="edge")
+    return np.real(state * weight[:, None]).reshape(-1)[:n]
 
 
 def _ramp(length: int, ramp: int) -> np.ndarray:
@@ -209,87 +247,112 @@ def _ramp(length: int, ramp: int) -> np.ndarray:
     return envelope
 
 
+@lru_cache(maxsize=64)
+def _band_pass(low: float, high: float, sr: int) -> np.ndarray:
+    return butter(4, [low, min(high, 0.45 * sr)], btype="bandpass", fs=sr, output="sos")
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x**2)))
+
+
 def _band_noise(rng: np.random.Generator, length: int, band: tuple[float, float],
                 sr: int) -> np.ndarray:
     """Unit-RMS noise band-passed to ``band`` (Hz), trimmed to the Nyquist limit."""
-    low, high = band[0] * rng.uniform(0.85, 1.15), min(band[1], 0.45 * sr)
-    sos = butter(4, [low, high], btype="bandpass", fs=sr, output="sos")
-    settle = 256  # drop the filter's start-up transient
-    noise = sosfilt(sos, rng.standard_normal(length + settle))[settle:]
-    return noise / (np.sqrt(np.mean(noise**2)) + 1e-12)
+    settle = 256  # dropped: the filter's start-up transient
+    noise = sosfilt(_band_pass(*band, sr), rng.standard_normal(length + settle))[settle:]
+    return noise / (_rms(noise) + 1e-12)
+
+
+def _pitch_track(rng: np.random.Generator, speaker: _Speaker, vowels: list[_Segment],
+                 times: np.ndarray, sr: int) -> np.ndarray:
+    """Smooth F0 in Hz at the control times: speaker base pitch, declination, slow drift,
+    an accent on each vowel and a final rise (a question) or fall."""
+    duration = times[-1]
+    semitones = rng.normal(0.0, 1.0) - rng.uniform(1.0, 4.0) * times / duration
+    drift_knots = np.arange(0.0, duration + 0.25, 0.25)
+    semitones = semitones + np.interp(times, drift_knots, rng.normal(0.0, 0.6, len(drift_knots)))
+    for seg in vowels:
+        centre = rng.uniform(seg.start, seg.stop) / sr
+        width = rng.uniform(0.05, 0.12)
+        accent = rng.uniform(0.0, 3.0)
+        semitones = semitones + accent * np.exp(-0.5 * ((times - centre) / width) ** 2)
+    final_length = rng.uniform(0.25, 0.4)
+    final_shape = np.clip(1.0 + (times - vowels[-1].stop / sr) / final_length, 0.0, 1.0) ** 2
+    final_move = rng.uniform(2.0, 5.0) if rng.random() < 0.25 else -rng.uniform(1.0, 3.0)
+    semitones = semitones + final_move * final_shape
+    f0 = np.clip(speaker.base_f0 * 2.0 ** (semitones / 12.0), *_F0_RANGE_HZ)
+    return _smooth(f0, max(1, int(0.02 * sr / _STEP)))
 
 
 def _voiced_branch(rng: np.random.Generator, speaker: _Speaker, segments: list[_Segment],
                    n_samples: int, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vowels through the formant cascade: (audio [T], voiced mask [T], frequency [T] Hz)."""
-    t = np.arange(n_samples) / sr
-    duration = n_samples / sr
+    times = np.arange(n_samples // _STEP + 2) * _STEP / sr
     vowels = [s for s in segments if s.kind == "vowel"]
 
-    # Pitch contour in semitones around the speaker's base pitch.
-    semitones = rng.normal(0.0, 1.0) - rng.uniform(1.0, 4.0) * t / duration
-    drift_knots = np.arange(0.0, duration + 0.25, 0.25)
-    semitones = semitones + np.interp(t, drift_knots, rng.normal(0.0, 0.6, len(drift_knots)))
-    for seg in vowels:
-        centre = rng.uniform(seg.start, seg.stop) / sr
-        width = rng.uniform(0.05, 0.12)
-        lo, hi = max(0, int((centre - 4 * width) * sr)), min(n_samples, int((centre + 4 * width) * sr))
-        semitones[lo:hi] += rng.uniform(0.0, 3.0) * np.exp(-0.5 * ((t[lo:hi] - centre) / width) ** 2)
-    last = vowels[-1]
-    final_shape = np.clip((t - last.start / sr) / ((last.stop - last.start) / sr), 0.0, 1.0) ** 2
-    final_move = rng.uniform(2.0, 5.0) if rng.random() < 0.25 else -rng.uniform(1.0, 3.0)
-    semitones = semitones + final_move * final_shape
-    f0 = np.clip(speaker.base_f0 * 2.0 ** (semitones / 12.0), *_F0_RANGE_HZ)
-    f0 = _smooth(f0, int(0.02 * sr))
-    # Jitter: an independent period perturbation roughly once per cycle.
-    jitter_knots = np.arange(0.0, duration + 0.01, 1.0 / speaker.base_f0)
-    jitter = rng.normal(0.0, speaker.jitter, len(jitter_knots))
-    frequency = f0 * (1.0 + np.interp(t, jitter_knots, jitter))
+    # Jitter: an independent period perturbation about once per cycle.
+    jitter_knots = np.arange(0.0, times[-1] + 0.01, 1.0 / speaker.base_f0)
+    jitter = np.interp(times, jitter_knots, rng.normal(0.0, speaker.jitter, len(jitter_knots)))
+    frequency = _to_samples(_pitch_track(rng, speaker, vowels, times, sr) * (1.0 + jitter),
+                            n_samples)
 
-    # Glottal source; integrating the frequency keeps the phase continuous.
-    phase = rng.random() + np.cumsum(frequency) / sr
-    cycle = np.floor(phase).astype(np.int64)
-    flow = _glottal_flow(phase - cycle, speaker.open_phase, speaker.closing_phase)
-    # Shimmer: each cycle starts and ends in the closed phase (zero flow), so a per-cycle
-    # gain changes nothing abruptly.
-    shimmer = 1.0 + rng.normal(0.0, speaker.shimmer, cycle[-1] - cycle[0] + 1)
-    flow = flow * shimmer[cycle - cycle[0]]
-    radiated = np.diff(flow, prepend=0.0)
-    excitation = radiated - speaker.emphasis * np.concatenate(([0.0], radiated[:-1]))
-    breath = rng.standard_normal(n_samples) * (0.3 + flow)
-    excitation = excitation + speaker.breathiness * np.std(excitation) * breath
-
-    # Voicing: stressed and unstressed syllables, fades at the edges of each voiced run.
+    # Loudness: stressed and unstressed syllables, fades at the edges of each voiced run.
     voiced = np.zeros(n_samples, dtype=bool)
     stress_times, stress_gains = [], []
     for seg in vowels:
         voiced[seg.start:seg.stop] = True
         stress_times.append(0.5 * (seg.start + seg.stop) / sr)
         stress_gains.append(rng.uniform(0.5, 1.0))
-    envelope = np.interp(t, stress_times, stress_gains) * (1.0 - 0.3 * t / duration)
+    loudness = np.interp(times, stress_times, stress_gains) * (1.0 - 0.3 * times / times[-1])
+    envelope = _to_samples(loudness, n_samples)
     edges = np.flatnonzero(np.diff(np.concatenate(([0], voiced.astype(np.int8), [0]))))
-    for start, stop in zip(edges[::2], edges[1::2]):
+    for start, stop in zip(edges[::2], edges[1::2], strict=True):
         envelope[start:stop] *= _ramp(stop - start, int(rng.uniform(0.01, 0.025) * sr))
     envelope[~voiced] = 0.0
-    excitation = excitation * envelope
 
-    # Formant tracks: one or two vowel targets per vowel, held through consonants.
-    knot_times, knot_freqs, knot_bws = [], [], []
+    # The source and the filters run only from the first voiced sample (on a control step)
+    # until the formants have rung out after the last one; elsewhere the branch is silent.
+    first_step = edges[0] // _STEP
+    span = slice(first_step * _STEP, min(n_samples, edges[-1] + int(0.1 * sr)))
+
+    # Glottal source; integrating the frequency keeps the phase continuous.
+    phase = rng.random() + np.cumsum(frequency[span]) / sr
+    cycle = np.floor(phase).astype(np.int64)
+    flow = _glottal_flow(phase - cycle, speaker.open_phase, speaker.closing_phase)
+    # Shimmer: every cycle starts and ends with zero flow, so a per-cycle gain changes
+    # nothing abruptly.
+    shimmer = 1.0 + rng.normal(0.0, speaker.shimmer, cycle[-1] - cycle[0] + 1)
+    flow = flow * shimmer[cycle - cycle[0]]
+    radiated = np.diff(flow, prepend=0.0)
+    excitation = radiated - speaker.emphasis * np.concatenate(([0.0], radiated[:-1]))
+    breath = rng.standard_normal(len(flow)) * (0.3 + flow)
+    excitation = (excitation + speaker.breathiness * np.std(excitation) * breath) * envelope[span]
+
+    # Tracks of formants 1 to 4: one or two vowel targets per vowel, held through consonants.
+    knot_times, knot_freqs, knot_bandwidths = [], [], []
     for seg in vowels:
         n_targets = 1 + int(rng.random() < 0.4)
         for k in range(n_targets):
             knot_times.append((seg.start + (k + 0.5) / n_targets * (seg.stop - seg.start)) / sr)
             f123 = _VOWEL_FORMANTS[rng.integers(len(_VOWEL_FORMANTS))] * speaker.formant_scale
-            freqs = np.concatenate((f123, [speaker.f4, speaker.f5])) * rng.normal(1.0, 0.03, 5)
-            knot_freqs.append(freqs)
-            knot_bws.append(speaker.bandwidths * rng.uniform(0.85, 1.2, 5))
-    knot_freqs, knot_bws = np.array(knot_freqs), np.array(knot_bws)
-    glide = int(0.03 * sr)
-    audio = excitation
-    for k in range(5):
-        freq = _smooth(np.interp(t, knot_times, knot_freqs[:, k]), glide)
-        bandwidth = _smooth(np.interp(t, knot_times, knot_bws[:, k]), glide)
-        audio = _resonate(audio, np.minimum(freq, 0.45 * sr), bandwidth, sr)
+            freqs = np.append(f123, speaker.f4) * rng.normal(1.0, 0.03, 4)
+            knot_freqs.append(np.minimum(freqs, 0.45 * sr))
+            knot_bandwidths.append(speaker.bandwidths * rng.uniform(0.85, 1.2, 4))
+    glide = max(1, int(0.03 * sr / _STEP))
+    filtered = excitation
+    for freqs, bandwidths in zip(np.transpose(knot_freqs), np.transpose(knot_bandwidths),
+                                 strict=True):
+        pole, weight = _resonator_track(_smooth(np.interp(times, knot_times, freqs), glide),
+                                        _smooth(np.interp(times, knot_times, bandwidths), glide),
+                                        sr)
+        filtered = _resonate(filtered, pole[first_step:], weight[first_step:])
+    # Cut after four formants, the cascade would leave almost nothing above 4 kHz, but the
+    # vocal tract goes on resonating about every 1 kHz. Formants 5 to 8 barely move with
+    # the vowel, so fixed resonators stand in for them and restore the weak high harmonics.
+    filtered = sosfilt(_higher_formants(speaker.formant_scale, sr), filtered)
+    audio = np.zeros(n_samples)
+    audio[span] = filtered
     return audio, voiced, frequency
 
 
@@ -298,6 +361,9 @@ def generate_utterance(index: int, seed: int = 0, sample_rate: int = DEMO_SAMPLE
     """Utterance ``index`` of the demo corpus drawn with ``seed``; see the module docstring."""
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be non-negative (got {index}, {seed})")
+    if sample_rate < 8000 or hop_length < 1:
+        raise ValueError(f"need sample_rate >= 8000 and hop_length >= 1 "
+                         f"(got {sample_rate}, {hop_length})")
     sr = int(sample_rate)
     rng = np.random.default_rng([seed, _UTTERANCE_STREAM, index])
     speaker = _speaker(seed, index % _N_SPEAKERS)
@@ -305,13 +371,12 @@ def generate_utterance(index: int, seed: int = 0, sample_rate: int = DEMO_SAMPLE
     segments = _plan(rng, n_samples, sr)
 
     voiced_audio, voiced, frequency = _voiced_branch(rng, speaker, segments, n_samples, sr)
-    voiced_rms = np.sqrt(np.mean(voiced_audio[voiced] ** 2))
-    audio = voiced_audio / voiced_rms
+    audio = voiced_audio / _rms(voiced_audio[voiced])
     for seg in segments:
         length = seg.stop - seg.start
         if seg.kind == "fricative":
             band = _FRICATIVE_BANDS[rng.integers(len(_FRICATIVE_BANDS))]
-            level = 10.0 ** (rng.uniform(-20.0, -8.0) / 20.0)
+            level = 10.0 ** (rng.uniform(-24.0, -10.0) / 20.0)
             shape = _ramp(length, int(rng.uniform(0.015, 0.03) * sr))
             audio[seg.start:seg.stop] += level * shape * _band_noise(rng, length, band, sr)
         elif seg.kind == "stop":

@@ -13,6 +13,8 @@
 * ``end``: 1x1 conv from the summed skips to ``2 * n_in``, zero-initialised so that a fresh
   coupling is the identity.
 
+Weight norm keeps the parameter names ``weight_g``/``weight_v`` (norm per output channel).
+
 :class:`AffineCoupling` splits ``x [B, C, T]`` into ``x_a = x[:, :C/2]`` and
 ``x_b = x[:, C/2:]``; ``WN(x_a, cond)`` gives ``t`` (first half of its output) and ``log_s``
 (second half), and ``y = (x_a, exp(log_s) * x_b + t)`` with ``log_det = sum(log_s)``.
@@ -22,23 +24,75 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm as _weight_norm
+
+
+class WeightNormConv1d(nn.Conv1d):
+    """``Conv1d`` whose weight is ``weight_g * weight_v / ||weight_v||`` (norm over each output
+    channel), stored under the parameter names of torch's classic ``weight_norm`` hook.
+
+    Written out rather than taken from ``torch.nn.utils.parametrizations``: deep copies (EMA
+    models) of parametrised modules share one dynamically created class, so removing weight
+    norm from one copy breaks the other.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        v = self.weight.detach().clone()
+        del self.weight
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True))
+
+    def effective_weight(self) -> Tensor:
+        norm = torch.linalg.vector_norm(self.weight_v, dim=(1, 2), keepdim=True)
+        return self.weight_v * (self.weight_g / norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+    @torch.no_grad()
+    def without_weight_norm(self) -> nn.Conv1d:
+        """A plain ``Conv1d`` computing the same function."""
+        conv = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size,
+                         dilation=self.dilation, padding=self.padding,
+                         bias=self.bias is not None).to(self.weight_v)
+        conv.weight.copy_(self.effective_weight())
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return conv
 
 
 def _conv(n_in: int, n_out: int, kernel_size: int = 1, dilation: int = 1,
           weight_norm: bool = True) -> nn.Conv1d:
-    conv = nn.Conv1d(n_in, n_out, kernel_size, dilation=dilation,
-                     padding=dilation * (kernel_size - 1) // 2)
-    return _weight_norm(conv) if weight_norm else conv
+    cls = WeightNormConv1d if weight_norm else nn.Conv1d
+    return cls(n_in, n_out, kernel_size, dilation=dilation,
+               padding=dilation * (kernel_size - 1) // 2)
+
+
+def _plain(conv: nn.Conv1d) -> nn.Conv1d:
+    return conv.without_weight_norm() if isinstance(conv, WeightNormConv1d) else conv
 
 
 def gated_activation(in_act: Tensor, n_channels: int) -> Tensor:
-    """``tanh(in_act[:, :C]) * sigmoid(in_act[:, C:])``; in place when no gradient is needed."""
-    a, b = in_act[:, :n_channels], in_act[:, n_channels:]
+    """``tanh(a) * sigmoid(b)`` of the channel halves (dim -2) of ``in_act``; in place when
+    no gradient is needed."""
+    a, b = in_act.narrow(-2, 0, n_channels), in_act.narrow(-2, n_channels, n_channels)
     if in_act.requires_grad:
         return torch.tanh(a) * torch.sigmoid(b)
     return a.tanh_().mul_(b.sigmoid_())
+
+
+def _add_dilated_taps(out: Tensor, weight: Tensor, h: Tensor, dilation: int) -> None:
+    """``out [O, T] += conv1d(h [I, T], weight [O, I, K])`` (centred, zero padded), one GEMM
+    per tap accumulated straight into ``out``."""
+    n, centre = h.shape[-1], (weight.shape[-1] - 1) // 2
+    for k in range(weight.shape[-1]):
+        offset = (k - centre) * dilation
+        if offset == 0:
+            out.addmm_(weight[:, :, k], h)
+        elif 0 < offset < n:
+            out[:, :n - offset].addmm_(weight[:, :, k], h[:, offset:])
+        elif 0 < -offset < n:
+            out[:, -offset:].addmm_(weight[:, :, k], h[:, :n + offset])
 
 
 class WN(nn.Module):
@@ -66,15 +120,21 @@ class WN(nn.Module):
         nn.init.zeros_(self.end.weight)
         nn.init.zeros_(self.end.bias)
 
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`fuse_for_inference` has run."""
+        return isinstance(self.end, nn.Identity)
+
     def forward(self, x_a: Tensor, cond: Tensor) -> Tensor:
+        if self.fused and not torch.is_grad_enabled():
+            return torch.stack([self._forward_gemm(a, c) for a, c in zip(x_a, cond, strict=True)])
         h = self.start(x_a)
         cond = self.cond_layer(cond)
         width = 2 * self.n_channels
         skip = None
-        for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers,
-                                                             self.res_skip_layers)):
-            in_act = in_layer(h)
-            in_act = in_act + cond[:, i * width:(i + 1) * width]
+        for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers,
+                                                             strict=True)):
+            in_act = in_layer(h) + cond[:, i * width:(i + 1) * width]
             res_skip = res_skip_layer(gated_activation(in_act, self.n_channels))
             if i < self.n_layers - 1:
                 h = h + res_skip[:, :self.n_channels]
@@ -82,26 +142,54 @@ class WN(nn.Module):
             skip = res_skip if skip is None else skip + res_skip
         return self.end(skip)
 
+    def _forward_gemm(self, x_a: Tensor, cond: Tensor) -> Tensor:
+        """Inference form on one item, ``[n_in, T]`` -> ``[2 n_in, T]``: every convolution is
+        a GEMM (or one per tap) accumulating into its output, which on CPU beats ``conv1d``'s
+        layout reorders, and the conditioning of layer ``i`` is computed right where it is
+        added."""
+        h = torch.addmm(self.start.bias[:, None], self.start.weight[:, :, 0], x_a)
+        cond_weight, cond_bias = self.cond_layer.weight[:, :, 0], self.cond_layer.bias[:, None]
+        width, skip = 2 * self.n_channels, None
+        for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers,
+                                                             strict=True)):
+            rows = slice(i * width, (i + 1) * width)
+            in_act = torch.addmm(cond_bias[rows], cond_weight[rows], cond)
+            _add_dilated_taps(in_act, in_layer.weight, h, in_layer.dilation[0])
+            acts = gated_activation(in_act, self.n_channels)
+            weight, bias = res_skip_layer.weight[:, :, 0], res_skip_layer.bias[:, None]
+            n_res = self.n_channels if i < self.n_layers - 1 else 0
+            if n_res:
+                h.addmm_(weight[:n_res], acts).add_(bias[:n_res])
+            if skip is None:
+                skip = torch.addmm(bias[n_res:], weight[n_res:], acts)
+            else:
+                skip.addmm_(weight[n_res:], acts).add_(bias[n_res:])
+        return skip
+
     @torch.no_grad()
     def fuse_for_inference(self) -> None:
         """Rewrite into an equivalent, cheaper inference form (one way; idempotent).
 
-        Removes weight norm; moves the ``in_layers`` biases into ``cond_layer``'s bias; and,
-        since the skip path is linear up to ``end``, folds ``end`` into the skip halves of
-        ``res_skip_layers`` (each then emits ``2 * n_in`` skip channels instead of
-        ``n_channels``) and replaces ``end`` by the identity. The state dict changes shape:
-        save checkpoints before calling this.
+        Removes weight norm; moves the ``in_layers`` biases into ``cond_layer``'s bias and
+        stores their weights tap-major; and, since the skip path is linear up to ``end``, folds
+        ``end`` into the skip halves of ``res_skip_layers`` (each then emits ``2 * n_in`` skip
+        channels instead of ``n_channels``) and replaces ``end`` by the identity. Afterwards
+        :meth:`forward` without autograd runs :meth:`_forward_gemm`. The state dict changes
+        layout: save checkpoints before calling this.
         """
-        for conv in [self.start, self.cond_layer, *self.in_layers, *self.res_skip_layers]:
-            if parametrize.is_parametrized(conv):
-                parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
-        if isinstance(self.end, nn.Identity):
+        if self.fused:
             return
+        self.start, self.cond_layer = _plain(self.start), _plain(self.cond_layer)
+        self.in_layers = nn.ModuleList(map(_plain, self.in_layers))
+        self.res_skip_layers = nn.ModuleList(map(_plain, self.res_skip_layers))
         width = 2 * self.n_channels
         cond_bias = self.cond_layer.bias.double().clone()
         for i, in_layer in enumerate(self.in_layers):
             cond_bias[i * width:(i + 1) * width] += in_layer.bias.double()
             in_layer.bias = None
+            # Same values; tap-major storage makes each tap's [O, I] slice contiguous.
+            w = in_layer.weight
+            in_layer.weight = nn.Parameter(w.permute(2, 0, 1).contiguous().permute(1, 2, 0))
         self.cond_layer.bias.copy_(cond_bias)
 
         end_w = self.end.weight.double()[:, :, 0]  # [2 n_in, C]

@@ -10,8 +10,8 @@ Two parameterisations share one interface:
 
 ``forward(x [B, C, T]) -> (y, log_det [B])`` with ``log_det = T * log|det W|`` (nats), and
 ``inverse(y) -> x``. The inverse matrix is computed in float64, cast to the input's dtype and
-cached; the cache is keyed on the parameters' version counters, so an optimiser step,
-``load_state_dict`` or ``.to()`` invalidates it, and ``train()`` drops it.
+cached; the cache is keyed on the parameters' version counters and storage, so an optimiser
+step, ``load_state_dict`` or ``.to()`` invalidates it, and ``train()`` drops it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 def random_rotation(channels: int, generator: torch.Generator | None = None) -> Tensor:
     """A random orthogonal ``[C, C]`` matrix with determinant +1 (float32)."""
-    q = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))[0]
+    gaussian = torch.randn(channels, channels, generator=generator, dtype=torch.float64)
+    q = torch.linalg.qr(gaussian)[0]
     if torch.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q.float()
@@ -95,7 +96,8 @@ class _InvertibleConv(nn.Module):
             self.inverse_kernel(dtype or ref.dtype, ref.device)
 
     def train(self, mode: bool = True):
-        self._cache.clear()
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:

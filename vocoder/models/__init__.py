@@ -43,10 +43,15 @@ def load_model(path, device: str | torch.device = "cpu", use_ema: bool = True) -
     preset it was trained with) and ``checkpoint_path``.
     """
     from vocoder.features import MelFrontEnd
-    from vocoder.training.checkpoint import load_checkpoint
+    from vocoder.training.checkpoint import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    try:
+        model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: does not fit this version's {ckpt.get('kind')} model "
+                              f"({first})") from None
     model.features = MelFrontEnd.from_dict(ckpt["features"])
     model.checkpoint_path = str(path)
     model.eval().prepare_for_inference()

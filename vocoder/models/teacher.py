@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vocoder.models.base import Vocoder
-from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
+from vocoder.nn.wavenet import IncrementalStack, MelUpsampler, WaveNetStack
 
 LOG_2PI = math.log(2 * math.pi)
 # Audio in [-1, 1] comes from 16-bit integers k / 32768: one quantisation step.
@@ -141,15 +141,17 @@ class Teacher(Vocoder):
         """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]``, one sample at a time.
 
         ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
-        deterministic), scaled by the temperature ``sigma``. The mel is upsampled once; the
-        per-layer conditioning is projected ahead in blocks of steps; each step then runs the
+        deterministic), scaled by the temperature ``sigma``. The mel is upsampled once, and
+        every layer's conditioning is projected ahead, one matrix product per block of steps
+        (for the whole utterance at once it would take ``n_layers * gate_channels`` floats per
+        sample, half a gigabyte per second of audio at paper size); each step then runs the
         cached WaveNet (:class:`~vocoder.nn.wavenet.IncrementalStack`) on the previous sample.
         """
         mel = mel.to(self.wavenet.input.weight)
         noise = self._noise(mel, z)
         batch, length = noise.shape
         cond = self._conditioning(mel, length)
-        stepper = self.wavenet.reset_state(batch)
+        stepper = IncrementalStack(self.wavenet, batch)
         # Time-major [T, B, 1], so iterating yields each step's [B, 1] views without copies.
         noise = (noise * sigma).t().contiguous().unsqueeze(-1)
         x = torch.empty_like(noise)
@@ -161,13 +163,12 @@ class Teacher(Vocoder):
         for start in range(0, length, block):
             stop = min(start + block, length)
             terms = stepper.conditioning_terms(cond[:, :, start:stop])
-            for terms_t, noise_t, x_t in zip(terms, noise[start:stop], x[start:stop]):
+            for terms_t, noise_t, x_t in zip(terms, noise[start:stop], x[start:stop], strict=True):
                 stepper.step(previous, terms_t)
                 torch.clamp(log_sigma, min=self.log_sigma_min, out=scale)
                 scale.exp_()
                 torch.addcmul(mu, scale, noise_t, out=x_t)
                 previous = x_t
-        self.wavenet.clear_state()
         return x.squeeze(-1).t().contiguous()
 
     @torch.no_grad()

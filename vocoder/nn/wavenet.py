@@ -23,15 +23,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm as _weight_norm
+from torch.nn.utils import parametrizations, parametrize
 
 SQRT_HALF = math.sqrt(0.5)
-
-
-def apply_weight_norm(module: nn.Module) -> nn.Module:
-    """Weight-normalise ``module.weight`` (the usual output-channel norm); returns ``module``."""
-    return _weight_norm(module)
 
 
 def remove_weight_norm(module: nn.Module) -> None:
@@ -207,7 +201,7 @@ class WaveNetStack(nn.Module):
 
     ``forward(x [B, C_in, T], cond [B, C_cond, T]) -> [B, C_out, T]``; output ``t`` depends on
     ``x[..., t - receptive_field + 1 : t + 1]`` and on ``cond`` at ``t`` only. The conditioning
-    enters every layer through one fused, bias-free 1x1 (``C_cond -> n_layers * G``); with
+    enters every layer through its slice of one bias-free 1x1 (``C_cond -> n_layers * G``); with
     ``cond_channels=0`` the stack is unconditional and takes ``cond=None``.
 
     ``zero_init_output`` zeroes the last 1x1 so the stack starts by emitting zeros (flows then
@@ -249,7 +243,7 @@ class WaveNetStack(nn.Module):
             if not zero_init_output:
                 normed.append(self.head[-1])
             for module in normed:
-                apply_weight_norm(module)
+                parametrizations.weight_norm(module)
         self._stepper: IncrementalStack | None = None
 
     @property
@@ -264,11 +258,13 @@ class WaveNetStack(nn.Module):
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         self._check_cond(cond)
         h = self.input(x)
-        terms = (self.cond(cond).chunk(self.n_layers, dim=1) if cond is not None
-                 else [None] * self.n_layers)
+        # One layer's slice of the fused projection at a time: all layers' [B, G, T] at once
+        # would be the largest activation of the stack.
+        cond_weights = (self.cond.weight.split(self.gate_channels) if cond is not None
+                        else [None] * self.n_layers)
         skips = None
-        for block, term in zip(self.blocks, terms):
-            h, skip = block(h, term)
+        for block, weight in zip(self.blocks, cond_weights, strict=True):
+            h, skip = block(h, None if weight is None else F.conv1d(cond, weight))
             skips = skip if skips is None else skips + skip
         return self.head(skips * math.sqrt(1.0 / self.n_layers))
 
@@ -299,9 +295,16 @@ class IncrementalStack:
     """A :class:`WaveNetStack` baked for step-by-step inference.
 
     Built by :meth:`WaveNetStack.reset_state`. The weights are copied once into ``addmm``
-    layouts (residual scale ``sqrt(0.5)``, skip scale ``sqrt(1 / n_layers)`` folded in, all
-    skip 1x1s fused into one matrix applied once per step), and every intermediate has a
-    preallocated buffer.
+    layouts and every intermediate has a preallocated buffer, so a step allocates nothing and
+    runs five small kernels per layer:
+
+    * the gate is computed with one sigmoid: ``tanh(a) = 2 * sigmoid(2a) - 1``, so with the
+      filter half of the gate weights doubled, ``sigmoid(b) - 2 * sigmoid(2a) * sigmoid(b)``
+      (one ``addcmul``) is ``-tanh(a) * sigmoid(b)``; the sign goes into the 1x1s after it;
+    * each layer's gated output sits in one buffer beside a constant 1, so the 1x1 biases are
+      rows of their matrices: the residual update ``sqrt(0.5) * (h + W g + b)`` is one
+      ``addmm``, and all layers' skip 1x1s (and the ``sqrt(1 / n_layers)`` scale) are one
+      matrix product per step.
     """
 
     def __init__(self, stack: WaveNetStack, batch: int,
@@ -311,87 +314,97 @@ class IncrementalStack:
         dtype = ref.dtype if dtype is None else dtype
         n_layers, gate = stack.n_layers, stack.gate_channels
         half = gate // 2
+        self.n_layers, self.gate_channels = n_layers, gate
 
-        def mat(conv: nn.Conv1d, rows: slice = slice(None), scale: float = 1.0) -> Tensor:
-            # A 1x1 conv's weight [C_out, C_in, 1] as [C_in, C_out] for x @ W.
-            return (conv.weight[rows, :, 0].t() * scale).to(device, dtype).contiguous()
+        def baked(t: Tensor) -> Tensor:
+            return t.detach().to(device, dtype).contiguous()
 
-        def vec(conv: nn.Conv1d, rows: slice = slice(None), scale: float = 1.0) -> Tensor:
-            return (conv.bias[rows] * scale).to(device, dtype)
+        def with_bias(conv: nn.Conv1d, rows: slice, scale: float) -> Tensor:
+            # A 1x1 conv as [C_in + 1, C_out] for [g, 1] @ W, negated to undo the gate's sign.
+            weight = torch.cat([conv.weight[rows, :, 0].t(), -conv.bias[rows][None]])
+            return baked(weight * -scale)
 
-        def buf(*shape: int) -> Tensor:
-            return torch.zeros(batch, *shape, device=device, dtype=dtype)
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, device=device, dtype=dtype)
 
         with torch.no_grad():
-            self.input_weight, self.input_bias = mat(stack.input), vec(stack.input)
-            self.conv_bias = torch.cat([b.conv.conv.bias for b in stack.blocks]).to(device, dtype)
-            self.cond_weight = None if stack.cond is None else mat(stack.cond)
+            # Doubles the filter half of every layer's gate inputs (see the class docstring).
+            gate_scale = torch.ones(gate, device=ref.device, dtype=ref.dtype)
+            gate_scale[:half] = 2.0
+            self.input_weight = baked(stack.input.weight[:, :, 0].t())
+            self.input_bias = baked(stack.input.bias)
+            self.conv_bias = baked(torch.cat([b.conv.conv.bias * gate_scale
+                                              for b in stack.blocks]))
+            self.cond_weight = (None if stack.cond is None else baked(
+                stack.cond.weight[:, :, 0].t() * gate_scale.repeat(n_layers)))
+            # [B, n_layers, G/2 + 1]: each layer's gated output, then a constant 1.
+            self.gated = zeros(batch, n_layers, half + 1)
+            self.gated[:, :, half] = 1.0
+            self.taps = [TapBuffer(batch, b.conv.in_channels, b.conv.kernel_size,
+                                   b.conv.dilation, device, dtype) for b in stack.blocks]
             skip_scale = math.sqrt(1.0 / n_layers)
-            skip_weights, skip_bias = [], 0.0
+            skip_weights = []
             self.layers = []
-            self.gated = buf(n_layers * half)
             for i, block in enumerate(stack.blocks):
-                conv = block.conv
-                res = slice(0, block.residual_channels if block.has_residual else 0)
-                skip = slice(res.stop, None)
-                skip_weights.append(mat(block.out, skip, skip_scale))
-                skip_bias = skip_bias + vec(block.out, skip, skip_scale)
+                n_res = block.residual_channels if block.has_residual else 0
+                skip_weights.append(with_bias(block.out, slice(n_res, None), skip_scale))
                 self.layers.append((
-                    TapBuffer(batch, conv.in_channels, conv.kernel_size, conv.dilation,
-                              device, dtype),
-                    conv.flat_weight().to(device, dtype).contiguous(),
-                    self.conv_bias[i * gate:(i + 1) * gate],
-                    mat(block.out, res, SQRT_HALF) if block.has_residual else None,
-                    vec(block.out, res, SQRT_HALF) if block.has_residual else None,
-                    self.gated[:, i * half:(i + 1) * half],
+                    baked(block.conv.flat_weight() * gate_scale),
+                    self.gated[:, i, :half],
+                    self.gated[:, i],
+                    with_bias(block.out, slice(0, n_res), SQRT_HALF) if n_res else None,
+                    self.taps[i + 1] if n_res else None,
                 ))
-            self.skip_weight = torch.cat(skip_weights).contiguous()
-            self.skip_bias = skip_bias
-            self.hidden_weight, self.hidden_bias = mat(stack.head[1]), vec(stack.head[1])
-            self.output_weight, self.output_bias = mat(stack.head[3]), vec(stack.head[3])
-        self.n_layers, self.gate_channels = n_layers, gate
-        self.gate = buf(gate)
+            self.skip_weight = torch.cat(skip_weights)
+            self.hidden_weight = baked(stack.head[1].weight[:, :, 0].t())
+            self.hidden_bias = baked(stack.head[1].bias)
+            self.output_weight = baked(stack.head[3].weight[:, :, 0].t())
+            self.output_bias = baked(stack.head[3].bias)
+        self.layer_biases = self.conv_bias.view(n_layers, 1, gate)
+        self.gated_all = self.gated.view(batch, -1)
+        self.gate = zeros(batch, gate)
         self.filter_half, self.gate_half = self.gate[:, :half], self.gate[:, half:]
-        self.tanh_out, self.sigmoid_out = buf(half), buf(half)
-        self.skip = buf(self.skip_weight.shape[1])
-        self.hidden = buf(self.skip_weight.shape[1])
-        self.output = buf(stack.out_channels)
+        self.skip = zeros(batch, self.skip_weight.shape[1])
+        self.hidden = torch.zeros_like(self.skip)
+        self.output = zeros(batch, stack.out_channels)
 
     def conditioning_terms(self, cond: Tensor) -> Tensor:
         """Per-layer gate inputs from conditioning: ``cond [B, C_cond, T]`` ->
-        ``[T, n_layers, B, G]`` (each layer's 1x1 projection plus its conv bias).
+        ``[T, n_layers, B, G]`` (each layer's 1x1 projection plus its conv bias, in the
+        stepper's internal scaling).
 
         Computed ahead for a run of steps in one matrix product; item ``t`` is ``terms`` for
         :meth:`step`.
         """
+        if self.cond_weight is None:
+            raise ValueError("an unconditional stack has no conditioning terms")
         batch, _, length = cond.shape
         proj = torch.addmm(self.conv_bias, cond.permute(2, 0, 1).reshape(length * batch, -1),
                            self.cond_weight)
         return (proj.view(length, batch, self.n_layers, self.gate_channels)
                 .transpose(1, 2).contiguous())
 
-    def step(self, x_t: Tensor, terms: Sequence[Tensor] | None = None) -> Tensor:
-        """One time step: ``x_t [B, C_in]`` and ``terms [n_layers, B, G]`` (from
-        :meth:`conditioning_terms`, ``None`` for an unconditional stack) -> ``[B, C_out]``.
+    def step(self, x_t: Tensor, terms: Tensor | None = None) -> Tensor:
+        """One time step: ``x_t [B, C_in]`` and ``terms [n_layers, B, G]`` (an item of
+        :meth:`conditioning_terms`; ``None`` for an unconditional stack) -> ``[B, C_out]``.
 
         The result is a buffer that the next step overwrites.
         """
-        slot, mirror, taps = self.layers[0][0].advance()
+        slot, mirror, taps = self.taps[0].advance()
         torch.addmm(self.input_bias, x_t, self.input_weight, out=slot)
         mirror.copy_(slot)
-        last = self.n_layers - 1
-        for i, (_, conv_w, conv_b, res_w, res_b, gated) in enumerate(self.layers):
-            torch.addmm(conv_b if terms is None else terms[i], taps, conv_w, out=self.gate)
-            torch.tanh(self.filter_half, out=self.tanh_out)
-            torch.sigmoid(self.gate_half, out=self.sigmoid_out)
-            torch.mul(self.tanh_out, self.sigmoid_out, out=gated)
-            if i < last:
-                next_slot, next_mirror, taps = self.layers[i + 1][0].advance()
-                torch.addmm(res_b, gated, res_w, out=next_slot)
-                next_slot.add_(slot, alpha=SQRT_HALF)
-                next_mirror.copy_(next_slot)
+        gate, filter_half, gate_half = self.gate, self.filter_half, self.gate_half
+        for term, (conv_weight, gated, gated_one, residual_weight, next_taps) in zip(
+                self.layer_biases if terms is None else terms, self.layers, strict=True):
+            torch.addmm(term, taps, conv_weight, out=gate)
+            gate.sigmoid_()
+            torch.addcmul(gate_half, filter_half, gate_half, value=-2.0, out=gated)
+            if next_taps is not None:
+                next_slot, mirror, taps = next_taps.advance()
+                torch.addmm(slot, gated_one, residual_weight, beta=SQRT_HALF, out=next_slot)
+                mirror.copy_(next_slot)
                 slot = next_slot
-        torch.addmm(self.skip_bias, self.gated, self.skip_weight, out=self.skip)
+        torch.mm(self.gated_all, self.skip_weight, out=self.skip)
         self.skip.relu_()
         torch.addmm(self.hidden_bias, self.skip, self.hidden_weight, out=self.hidden)
         self.hidden.relu_()
@@ -448,6 +461,6 @@ class MelUpsampler(nn.Module):
 
     def forward(self, mel: Tensor) -> Tensor:
         c = self.frame_conv(mel).unsqueeze(1)  # [B, 1, C, F]: 2-D so one kernel serves all C
-        for s, smoother in zip(self.scales, self.smoothers):
+        for s, smoother in zip(self.scales, self.smoothers, strict=True):
             c = smoother(c.repeat_interleave(s, dim=-1))
         return c.squeeze(1)

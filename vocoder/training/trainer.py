@@ -56,6 +56,13 @@ class NonFiniteError(VocoderError):
     pass
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random; call before building a model so its init is repeatable."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def _lr_lambda(cfg) -> Callable[[int], float]:
     warmup = max(int(cfg.warmup_steps), 0)
     kind = cfg.schedule
@@ -121,9 +128,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.corpus = corpus
 
-        torch.manual_seed(int(cfg.seed) + self.dist.rank)
-        np.random.seed(int(cfg.seed) + self.dist.rank)
-        random.seed(int(cfg.seed) + self.dist.rank)
+        seed_everything(int(cfg.seed) + self.dist.rank)
 
         self.model = model.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval()
@@ -343,7 +348,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self._update_ema()
-            metrics["loss"] = float(loss)
+            metrics["loss"] = float(loss.detach())
         else:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
@@ -427,15 +432,19 @@ class Trainer:
                 due_val = self.step % int(t.val_every) == 0 or self.step == max_steps
                 best = False
                 if due_val and self.dist.is_main and val_batches:
-                    self.last_val = self.validate(val_batches)
+                    # Validation draws its noise from its own fixed seed: comparable numbers
+                    # across evaluations, and the training RNG stream is left untouched.
+                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                        torch.manual_seed(int(self.cfg.seed))
+                        self.last_val = self.validate(val_batches)
+                        if t.audio_every and self.step % int(t.audio_every) == 0:
+                            self._log_audio(val_batches[0])
                     best = self.last_val["loss"] < self.best_val
                     self.best_val = min(self.best_val, self.last_val["loss"])
                     self._write_metrics("valid", self.last_val)
-                    if progress is not None:
-                        progress.write(f"step {self.step}: validation " + ", ".join(
+                    (progress.write if progress is not None else self.log)(
+                        f"step {self.step}: validation " + ", ".join(
                             f"{k}={v:.4f}" for k, v in self.last_val.items()))
-                    if t.audio_every and self.step % int(t.audio_every) == 0:
-                        self._log_audio(val_batches[0])
                 stop = D.all_reduce_flag(self._stop_signal is not None, self.dist, self.device)
                 if (self.step % int(t.ckpt_every) == 0 or self.step == max_steps or stop
                         or best):

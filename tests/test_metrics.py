@@ -1,0 +1,140 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vocoder.features import MelFrontEnd
+from vocoder.losses import MultiResolutionSTFTLoss
+from vocoder.metrics import (
+    copy_synthesis_metrics,
+    estimate_f0,
+    f0_metrics,
+    log_mel_distance,
+    mel_cepstral_distortion,
+    mr_stft_distance,
+)
+
+RATE = 22050
+HOP = 256
+
+
+@pytest.fixture(scope="module")
+def features():
+    return MelFrontEnd.from_preset("tacotron2")
+
+
+def harmonic_tone(seconds=0.5, f0=180.0, seed=0):
+    """A few harmonics under a slow envelope, plus a little noise (never exact silence)."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    tone = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 2.0 * t) ** 2
+    noise = 1e-3 * np.random.default_rng(seed).standard_normal(t.shape)
+    return (0.2 * tone * envelope + noise).astype(np.float32)
+
+
+def with_noise(audio, level, seed=1):
+    return audio + level * np.random.default_rng(seed).standard_normal(audio.shape).astype(
+        np.float32)
+
+
+def test_identical_audio_scores_zero(features):
+    x = harmonic_tone()
+    assert log_mel_distance(x, x, features) == 0.0
+    assert mr_stft_distance(x, x) < 1e-9
+    assert mel_cepstral_distortion(x, x, RATE, features=features) == pytest.approx(0.0, abs=1e-4)
+    assert mel_cepstral_distortion(x, x.copy(), RATE, include_c0=True) == pytest.approx(
+        0.0, abs=1e-4)
+
+
+def test_distances_grow_with_noise(features):
+    x = harmonic_tone()
+    levels = (0.003, 0.03, 0.3)
+    noisy = [with_noise(x, level) for level in levels]
+    for metric in (lambda y: log_mel_distance(x, y, features), lambda y: mr_stft_distance(x, y),
+                   lambda y: mel_cepstral_distortion(x, y, RATE, features=features)):
+        values = [metric(y) for y in noisy]
+        assert 0 < values[0] < values[1] < values[2], values
+
+
+def test_inputs_are_trimmed_and_may_be_tensors(features):
+    x = harmonic_tone()
+    longer = np.concatenate([x, np.ones(500, dtype=np.float32)])
+    assert log_mel_distance(torch.from_numpy(x), longer, features) == 0.0
+    assert mr_stft_distance(longer, torch.from_numpy(x)) < 1e-9
+
+
+def test_mcd_ignores_gain_only_without_c0(features):
+    x = harmonic_tone()
+    quieter = 0.5 * x
+    assert mel_cepstral_distortion(x, quieter, RATE, features=features) < 1e-3
+    # With c0 it is the RMS level difference in dB: exactly 20 log10(2) for a halved amplitude.
+    with_c0 = mel_cepstral_distortion(x, quieter, RATE, include_c0=True, features=features)
+    assert with_c0 == pytest.approx(20 * math.log10(2), rel=1e-3)
+
+
+def test_mcd_rejects_a_rate_that_does_not_fit_the_front_end(features):
+    x = harmonic_tone()
+    with pytest.raises(ValueError, match="16000 Hz"):
+        mel_cepstral_distortion(x, x, 16000, features=features)
+
+
+def test_f0_metrics_octave_error_and_identity():
+    ref = np.array([0, 100, 150, 200, 0, 220], dtype=np.float32)
+    same = f0_metrics(ref, ref)
+    assert same["f0_rmse_cents"] == 0.0 and same["voicing_error"] == 0.0
+    assert same["voiced_both"] == 4 and same["frames"] == 6
+    octave = f0_metrics(ref, 2 * ref)
+    assert octave["f0_rmse_cents"] == pytest.approx(1200.0)
+    assert octave["voicing_error"] == 0.0
+
+
+def test_voicing_error_counts_disagreements():
+    ref = np.array([0, 100, 100, 100, 0, 0, 100, 100], dtype=np.float32)
+    syn = np.array([100, 100, 0, 100, 0, 100, 100, 100, 100, 100], dtype=np.float32)
+    result = f0_metrics(ref, syn)  # trimmed to 8 frames; frames 0, 2 and 5 disagree
+    assert result["frames"] == 8
+    assert result["voicing_error"] == pytest.approx(3 / 8)
+    assert result["voiced_both"] == 4 and result["voiced_ref"] == 5 and result["voiced_syn"] == 6
+    assert math.isnan(f0_metrics(np.zeros(4), np.zeros(4))["f0_rmse_cents"])
+
+
+def test_pyin_framing_and_copy_synthesis_keys(features):
+    x = harmonic_tone(seconds=0.3, f0=200.0)
+    f0 = estimate_f0(x, RATE, HOP)
+    assert f0.shape == (x.shape[0] // HOP + 1,)
+    voiced = f0[f0 > 0]
+    assert voiced.size > f0.size // 2
+    assert np.median(voiced) == pytest.approx(200.0, rel=0.03)
+
+    true_f0 = np.full(f0.shape, 200.0, dtype=np.float32)
+    row = copy_synthesis_metrics(x, with_noise(x, 0.01), features, ref_f0=true_f0)
+    for key in ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "voicing_error"):
+        assert math.isfinite(row[key]), key
+    assert row["f0_source"] == "true"
+    assert row["f0_rmse_cents"] < 50
+
+
+def test_mr_stft_loss_is_differentiable_and_zero_for_equal_inputs():
+    loss_fn = MultiResolutionSTFTLoss()
+    target = torch.from_numpy(np.stack([harmonic_tone(0.2, f0=150.0),
+                                        harmonic_tone(0.2, f0=220.0, seed=3)]))
+    same = target.clone().requires_grad_(True)
+    loss = loss_fn(same, target)
+    loss.backward()
+    assert float(loss.detach()) < 1e-9
+    assert torch.isfinite(same.grad).all()
+
+    predicted = (target + 0.05 * torch.randn_like(target)).requires_grad_(True)
+    loss = loss_fn(predicted, target)
+    loss.backward()
+    assert float(loss.detach()) > 0.1
+    assert torch.isfinite(predicted.grad).all() and predicted.grad.abs().sum() > 0
+    # The metric is the same definition on one utterance.
+    assert mr_stft_distance(target[0], predicted[0].detach()) == pytest.approx(
+        float(loss_fn(predicted[:1], target[:1]).detach()), rel=1e-5)
+
+
+def test_mr_stft_loss_refuses_too_short_audio():
+    with pytest.raises(ValueError, match="too short"):
+        MultiResolutionSTFTLoss()(torch.zeros(1, 100), torch.zeros(1, 100))

@@ -1,0 +1,158 @@
+"""The MAF teacher: causality, cached sampling against the naive sampler, exact inversion,
+likelihood, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vocoder.models import build_model
+from vocoder.models.teacher import Teacher
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops gain nothing from threads, and on busy machines OpenMP barriers cost dearly.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+N_MELS, HOP = 6, 8
+ARCH = dict(n_layers=5, cycle_length=3, residual_channels=6, gate_channels=8, skip_channels=6,
+            kernel_size=3, cond_channels=4, upsample_scales=[2, 4])
+
+
+def tiny_teacher(**overrides) -> Teacher:
+    torch.manual_seed(0)
+    return Teacher(N_MELS, HOP, **{**ARCH, **overrides}).to(DTYPE)
+
+
+def random_inputs(batch: int = 2, frames: int = 6):
+    torch.manual_seed(1)
+    mel = torch.randn(batch, N_MELS, frames, dtype=DTYPE)
+    x = 0.1 * torch.randn(batch, frames * HOP, dtype=DTYPE)
+    return x, mel
+
+
+def test_forward_shapes_and_causality():
+    teacher = tiny_teacher()
+    x, mel = random_inputs()
+    mu, log_sigma = teacher(x, mel)
+    assert mu.shape == log_sigma.shape == x.shape
+    t0 = 17
+    y = x.clone()
+    y[:, t0] += 0.5
+    mu_y, log_sigma_y = teacher(y, mel)
+    # Position t sees x[:, :t] only: everything up to and including t0 is unchanged.
+    assert (mu_y - mu)[:, :t0 + 1].abs().max() == 0
+    assert (log_sigma_y - log_sigma)[:, :t0 + 1].abs().max() == 0
+    assert (mu_y - mu)[:, t0 + 1:].abs().max() > 0
+    assert (mu_y - mu)[:, t0 + teacher.receptive_field + 1:].abs().max() == 0
+
+
+def test_rejects_mismatched_mel():
+    teacher = tiny_teacher()
+    x, mel = random_inputs()
+    with pytest.raises(ValueError):
+        teacher(x[:, :-1], mel)
+    with pytest.raises(ValueError):
+        teacher(x, mel[:, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_incremental_sample_matches_naive(dtype):
+    teacher = tiny_teacher().to(dtype)
+    _, mel = random_inputs(batch=3, frames=5)
+    mel = mel.to(dtype)
+    z = torch.randn(3, 5 * HOP, dtype=dtype)
+    torch.testing.assert_close(teacher.sample(mel, z), teacher._sample_naive(mel, z))
+
+
+def test_sample_then_score_recovers_z():
+    teacher = tiny_teacher()
+    _, mel = random_inputs()
+    z = torch.randn(2, mel.shape[-1] * HOP, dtype=DTYPE)
+    x = teacher.sample(mel, z)
+    mu, log_sigma = teacher(x, mel)
+    torch.testing.assert_close((x - mu) / torch.exp(log_sigma), z)
+    # Deterministic given z; the temperature scales the noise.
+    torch.testing.assert_close(teacher.sample(mel, z), x)
+    torch.testing.assert_close(teacher.sample(mel, z, sigma=0.5), teacher.sample(mel, 0.5 * z))
+
+
+def test_log_prob_is_gaussian_density():
+    teacher = tiny_teacher()
+    x, mel = random_inputs()
+    mu, log_sigma = teacher(x, mel)
+    expected = torch.distributions.Normal(mu, torch.exp(log_sigma)).log_prob(x).sum(-1)
+    log_prob = teacher.log_prob(x, mel)
+    assert log_prob.shape == (2,)
+    torch.testing.assert_close(log_prob, expected)
+
+
+def test_log_sigma_floor():
+    teacher = tiny_teacher(log_sigma_min=0.5)
+    x, mel = random_inputs()
+    assert teacher(x, mel)[1].min() >= 0.5
+
+
+def test_training_loss_finite_and_backprops():
+    teacher = tiny_teacher()
+    x, mel = random_inputs()
+    loss, metrics = teacher.training_loss(x, mel)
+    assert torch.isfinite(loss) and loss.dim() == 0
+    assert set(metrics) == {"nll", "bits_per_sample", "log_sigma_mean"}
+    assert metrics["bits_per_sample"] == pytest.approx(
+        (metrics["nll"] + math.log(32768)) / math.log(2))
+    loss.backward()
+    grads = [p.grad for p in teacher.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_adam_lowers_nll_on_a_sinusoid():
+    torch.manual_seed(0)
+    teacher = Teacher(N_MELS, HOP, **{**ARCH, "residual_channels": 8, "gate_channels": 16,
+                                      "skip_channels": 8})
+    t = torch.arange(24 * HOP, dtype=torch.float32)
+    audio = (0.5 * torch.sin(2 * math.pi * t / 20) + 0.02 * torch.randn_like(t))[None]
+    mel = torch.zeros(1, N_MELS, 24)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    first = None
+    for _ in range(25):
+        loss, metrics = teacher.training_loss(audio, mel)
+        first = metrics["nll"] if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = -teacher.log_prob(audio, mel).item() / audio.shape[-1]
+    assert final < first - 0.5
+
+
+def test_weight_norm_and_prepare_for_inference():
+    teacher = tiny_teacher(weight_norm=True)
+    x, mel = random_inputs()
+    z = torch.randn_like(x)
+    mu, _ = teacher(x, mel)
+    sampled = teacher.sample(mel, z)
+    assert teacher.prepare_for_inference() is teacher
+    assert not any("parametrizations" in name for name, _ in teacher.named_parameters())
+    torch.testing.assert_close(teacher(x, mel)[0], mu)
+    torch.testing.assert_close(teacher.sample(mel, z), sampled)
+
+
+def test_registry_rebuild_and_synthesize():
+    teacher = tiny_teacher()
+    arch = teacher.arch_config()
+    rebuilt = build_model("teacher", N_MELS, HOP, arch).to(DTYPE)
+    assert rebuilt.arch_config() == arch
+    rebuilt.load_state_dict(teacher.state_dict())
+    _, mel = random_inputs(batch=1, frames=3)
+    audio = rebuilt.synthesize(mel.float())
+    assert audio.shape == (1, 3 * HOP) and torch.isfinite(audio).all()
+    z = torch.zeros(1, 3 * HOP, dtype=DTYPE)
+    torch.testing.assert_close(rebuilt.sample(mel, z), teacher.sample(mel, z))

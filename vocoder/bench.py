@@ -1,0 +1,171 @@
+"""Honest synthesis timing: the three models on the same mels, device and dtype.
+
+Each model is warmed up, the device synchronised around every repeat, and the median of
+several repeats reported. The autoregressive teacher is timed on a shorter clip and its rate
+scaled per sample (its cost per sample does not depend on the clip length).
+
+MACs per output sample are counted by torch's FLOP counter on a short synthesis
+(matmuls and convolutions, the operations that dominate), divided by two.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from vocoder.synthesis import DTYPES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_macs_per_sample(model, n_mels: int, frames: int = 4) -> float:
+    """Multiply-accumulates per output sample of ``model.synthesize`` on ``frames`` frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    mel = torch.full((1, n_mels, frames), -5.0, device=param.device, dtype=param.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        audio = model.synthesize(mel)
+    return counter.get_total_flops() / 2.0 / audio.shape[-1]
+
+
+def time_synthesis(model, mel: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeats`` synthesis calls after ``warmup`` untimed ones."""
+    device = mel.device
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            model.synthesize(mel)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def benchmark_model(name: str, model, device: torch.device, dtype: str, batch: int,
+                    seconds: float, sample_rate: int, repeats: int = 5, warmup: int = 1,
+                    compile_model: bool = False) -> dict:
+    """Time one model; returns a row of ``bench.json``."""
+    hop, n_mels = model.hop_length, model.n_mels
+    frames = max(2, int(round(seconds * sample_rate / hop)))
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs_per_sample(model, n_mels)
+    rng = np.random.default_rng(0)
+    # A speech-like level of log-mel values (speed does not depend on them).
+    mel = torch.from_numpy(rng.uniform(-8.0, 0.0, (batch, n_mels, frames)).astype(np.float32))
+    mel = mel.to(device=device, dtype=DTYPES[dtype])
+    runner = model
+    if compile_model:
+        runner = _Compiled(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_synthesis(runner, mel, repeats=repeats, warmup=warmup)
+    median = statistics.median(times)
+    samples = batch * frames * hop
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else _peak_rss_bytes())
+    return {
+        "model": name,
+        "kind": model.kind,
+        "device": str(device),
+        "dtype": dtype,
+        "batch": batch,
+        "audio_seconds": frames * hop / sample_rate,
+        "samples_per_s": samples / median,
+        "real_time_factor": median / (frames * hop / sample_rate),
+        "median_s": median,
+        "times_s": times,
+        "peak_memory_mb": peak / 2**20,
+        "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_max_rss",
+        "parameters": params,
+        "macs_per_sample": macs,
+        "compiled": compile_model,
+    }
+
+
+class _Compiled:
+    def __init__(self, model):
+        self.synthesize = torch.compile(model.synthesize)
+
+
+def _peak_rss_bytes() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+    }
+    try:
+        import os
+
+        env["cpu_count"] = os.cpu_count()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    env["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
+    lines = [
+        "| model | device | dtype | batch | audio s | samples/s | RTF | peak MB | params (M) | MACs/sample |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['device']} | {r['dtype']} | {r['batch']} | "
+            f"{r['audio_seconds']:.2f} | {r['samples_per_s']:,.0f} | {r['real_time_factor']:.4f} | "
+            f"{r['peak_memory_mb']:.0f} | {r['parameters'] / 1e6:.2f} | "
+            f"{r['macs_per_sample'] / 1e3:,.1f} k |"
+        )
+    lines.append("")
+    for k, v in ratios.items():
+        lines.append(f"- {k.replace('_', ' ')}: {v:,.1f}x")
+    lines.append("")
+    lines.append(f"- machine: {env.get('gpu', env.get('cpu'))}, {env['threads']} thread(s); "
+                 f"torch {env['torch']}, python {env['python']}")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = [f"{r['model']}\n{r['dtype']} b{r['batch']}" for r in rows]
+    values = [r["samples_per_s"] for r in rows]
+    bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(rows)])
+    ax.set_yscale("log")
+    ax.set_ylabel("samples / s (log)")
+    ax.set_title(f"synthesis speed on {rows[0]['device']}")
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""``vocoder-bench output=DIR device=cpu|cuda [seconds=S] [teacher=CKPT student=CKPT waveglow=CKPT]``.
+
+Writes ``DIR/bench.json``, ``DIR/bench.md`` and ``DIR/bench.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vocoder.cli.common import hydra_app
+from vocoder.errors import VocoderError
+
+
+def _ratio(rows, a, b, key="samples_per_s"):
+    ra = [r for r in rows if r["model"] == a]
+    rb = [r for r in rows if r["model"] == b]
+    if not ra or not rb:
+        return None
+    return ra[0][key] / rb[0][key]
+
+
+@hydra_app("bench")
+def main(cfg) -> None:
+    import torch
+
+    from vocoder.bench import bar_chart, benchmark_model, environment, markdown_table
+    from vocoder.features import MelFrontEnd
+    from vocoder.models import build_model, load_model
+    from vocoder.synthesis import DTYPES
+
+    device = torch.device(str(cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VocoderError("device=cuda but no CUDA device is visible")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    for d in cfg.dtypes:
+        if str(d) not in DTYPES:
+            raise VocoderError(f"unknown dtype {d!r} (fp32, fp16, bf16)")
+    features = MelFrontEnd.from_preset(str(cfg.features.preset))
+    out = Path(str(cfg.output))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in cfg.models:
+        name = str(name)
+        if cfg.get(name):
+            model = load_model(cfg[name], device="cpu")
+            sr = model.features.sample_rate
+        else:
+            model = build_model(name, features.n_mels, features.hop_length, dict(cfg.arch[name]))
+            model.eval().prepare_for_inference()
+            sr = features.sample_rate
+        seconds = float(cfg.teacher_seconds) if name == "teacher" else float(cfg.seconds)
+        for dtype in cfg.dtypes:
+            for batch in cfg.batches:
+                row = benchmark_model(name, model, device, str(dtype), int(batch), seconds, sr,
+                                      repeats=int(cfg.repeats), warmup=int(cfg.warmup),
+                                      compile_model=bool(cfg.compile))
+                row["source"] = str(cfg[name]) if cfg.get(name) else f"random weights, {cfg.experiment} sizes"
+                rows.append(row)
+                print(f"{name:9s} {dtype} batch {batch}: {row['samples_per_s']:,.0f} samples/s, "
+                      f"RTF {row['real_time_factor']:.4f}, {row['macs_per_sample'] / 1e3:,.1f} kMACs/sample")
+        del model
+    ratios = {}
+    for a, b in (("student", "teacher"), ("student", "waveglow")):
+        r = _ratio(rows, a, b)
+        if r is not None:
+            ratios[f"{a}_over_{b}"] = r
+    env = environment(device)
+    with open(out / "bench.json", "w") as f:
+        json.dump({"rows": rows, "ratios": ratios, "environment": env,
+                   "experiment": str(cfg.experiment)}, f, indent=1)
+    (out / "bench.md").write_text(markdown_table(rows, ratios, env))
+    bar_chart(rows, out / "bench.png")
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""``vocoder-eval checkpoint=CKPT input=DIR_OR_FILE output=DIR``: copy-synthesis quality.
+
+Each recording goes through the checkpoint's own mel front end and back through the model;
+the result is compared with the recording (:mod:`vocoder.metrics`). Writes::
+
+    DIR/metrics.json   checkpoint, kind, per-file rows, means, definitions
+    DIR/metrics.md     the same as a table
+    DIR/wavs/<name>.wav  the synthesised audio, as long as its reference
+    DIR/report.html    with report=true (audio players and mel pictures)
+
+Options: ``device=cpu|cuda|auto``, ``sigma=S``, ``max_files=N``, ``f0_dir=DIR`` (true F0
+contours ``<stem>.npy``, e.g. the demo corpus cache's ``f0/``), ``teacher=CKPT`` (NLL of the
+synthesis under a teacher), ``report=true``. An unreadable file is one ``warning:`` line and
+is skipped; when none can be read the command fails with ``error:`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vocoder.cli.common import hydra_app
+from vocoder.errors import InputError, VocoderError
+
+# Metrics printed per file and in the summary line.
+_HEADLINE = ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "voicing_error", "teacher_nll")
+# Per-file keys averaged over files in "mean" (F0 RMSE and voicing error are pooled instead).
+_AVERAGED = ("log_mel_l1", "mr_stft", "mcd_db", "teacher_nll", "teacher_nll_reference")
+
+DEFINITIONS = {
+    "log_mel_l1": "mean |ln mel(ref) - ln mel(syn)| over bands and frames (the checkpoint's "
+                  "front end), nepers",
+    "mr_stft": "mean over STFT resolutions (512,128,512), (1024,256,1024), (2048,512,2048) of "
+               "||S_r - S_s||_F / ||S_r||_F + mean |ln S_r - ln S_s|",
+    "mcd_db": "10/ln10 * sqrt(2 * sum_{d=1}^{n_mfcc-1} (c_d - c'_d)^2) averaged over frames; "
+              "c = DCT-II / n_mels of the natural-log mel power (2 ln mel), c0 excluded",
+    "f0_rmse_cents": "RMS of 1200 log2(f0_syn / f0_ref) over frames voiced in both; mean pools "
+                     "all such frames of all files",
+    "voicing_error": "fraction of frames whose voiced/unvoiced decision differs; mean pools "
+                     "all frames",
+    "teacher_nll": "-log p_teacher(syn | mel of ref) / samples, nats per sample",
+}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VocoderError(f"device={name} was asked for but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise VocoderError(f"device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def _input_files(source: Path, max_files: int | None) -> list[tuple[str, Path]]:
+    """``(name, path)`` pairs; names are unique, flat file stems (``sub__stem`` for files in
+    subfolders)."""
+    from vocoder.audio import list_audio_files
+
+    if source.is_file():
+        paths, root = [source], source.parent
+    elif source.is_dir():
+        paths, root = list_audio_files(source), source
+    else:
+        raise VocoderError(f"{source}: input not found")
+    if not paths:
+        raise VocoderError(f"{source}: no .wav or .flac files")
+    if max_files is not None:
+        paths = paths[: max(0, int(max_files))]
+    named, used = [], set()
+    for path in paths:
+        name = "__".join(path.relative_to(root).with_suffix("").parts)
+        if name in used:
+            name = f"{name}_{path.suffix.lstrip('.').lower()}"
+        used.add(name)
+        named.append((name, path))
+    return named
+
+
+def _true_f0(f0_dir: Path | None, stem: str, n_frames: int) -> np.ndarray | None:
+    if f0_dir is None:
+        return None
+    path = f0_dir / f"{stem}.npy"
+    if not path.is_file():
+        return None
+    f0 = np.load(path)
+    if f0.ndim != 1 or f0.shape[0] != n_frames:
+        print(f"warning: {path}: F0 contour has shape {list(f0.shape)}, expected "
+              f"[{n_frames}]; estimating F0 with pyin instead", file=sys.stderr)
+        return None
+    return f0
+
+
+@torch.no_grad()
+def _teacher_nll(teacher, reference: np.ndarray, synthesis: np.ndarray) -> dict:
+    """NLL in nats per sample of the synthesis and of the reference under the teacher, both
+    conditioned on the reference's mel, cropped to a whole number of frames."""
+    hop = teacher.hop_length
+    frames = min(reference.shape[0], synthesis.shape[0]) // hop
+    if frames == 0:
+        return {}
+    device = teacher.features.mel_basis.device
+    ref = torch.from_numpy(reference).to(device)
+    mel = teacher.features(ref)[:, :frames].unsqueeze(0)
+    n = frames * hop
+    batch = torch.stack([torch.from_numpy(synthesis[:n]).to(device), ref[:n]])
+    nll = -teacher.log_prob(batch, mel.expand(2, -1, -1)) / n
+    return {"teacher_nll": float(nll[0]), "teacher_nll_reference": float(nll[1])}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Means over files: plain means of the per-file distances, F0 RMSE pooled over all frames
+    voiced in both, voicing error pooled over all frames, and synthesis speed."""
+    mean: dict = {"files": len(rows), "seconds": sum(r["seconds"] for r in rows)}
+    for key in _AVERAGED:
+        values = [r[key] for r in rows if _finite(r.get(key))]
+        if values:
+            mean[key] = float(np.mean(values))
+    voiced = sum(r["voiced_both"] for r in rows if _finite(r["f0_rmse_cents"]))
+    squared = sum(r["f0_rmse_cents"] ** 2 * r["voiced_both"] for r in rows
+                  if _finite(r["f0_rmse_cents"]))
+    mean["f0_rmse_cents"] = math.sqrt(squared / voiced) if voiced else None
+    frames = sum(r["frames"] for r in rows)
+    mean["voicing_error"] = (sum(r["voicing_error"] * r["frames"] for r in rows) / frames
+                             if frames else None)
+    mean["voiced_both"] = voiced
+    mean["frames"] = frames
+    synth_time = sum(r["synthesis_seconds"] for r in rows)
+    mean["synthesis_seconds"] = synth_time
+    mean["realtime_factor"] = mean["seconds"] / synth_time if synth_time > 0 else None
+    return mean
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def markdown(result: dict) -> str:
+    from vocoder.report import METRIC_COLUMNS, format_metric
+
+    shown = [(k, h) for k, h in METRIC_COLUMNS if any(k in r for r in result["files"])]
+    lines = [f"# Copy-synthesis: {result['kind']} `{result['checkpoint']}`", "",
+             f"device {result['device']}, "
+             f"sigma {'model default' if result['sigma'] is None else result['sigma']}, "
+             f"{result['mean']['files']} files, {result['mean']['seconds']:.2f} s of audio, "
+             f"synthesis {format_metric(result['mean']['realtime_factor'])}x real time. "
+             "Lower is better for every metric.", ""]
+    header = ["file", "seconds"] + [h for _, h in shown] + ["F0 reference"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in result["files"]:
+        cells = [row["name"], f"{row['seconds']:.2f}"]
+        cells += [format_metric(row.get(k)) for k, _ in shown] + [row["f0_source"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = result["mean"]
+    cells = ["**mean**", f"{mean['seconds']:.2f}"]
+    cells += [format_metric(mean.get(k)) for k, _ in shown] + [""]
+    lines.append("| " + " | ".join(cells) + " |")
+    if result["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {s['file']}: {s['problem']}" for s in result["skipped"]]
+    lines += ["", "Definitions:"] + [f"- `{k}`: {v}" for k, v in result["definitions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    from vocoder.audio import load_audio, write_wav
+    from vocoder.losses import MultiResolutionSTFTLoss
+    from vocoder.metrics import copy_synthesis_metrics
+    from vocoder.models import load_model
+    from vocoder.report import format_metric, write_html_report, write_text_atomic
+
+    for key in ("checkpoint", "input", "output"):
+        if OmegaConf.is_missing(cfg, key) or cfg[key] is None:
+            raise VocoderError(f"{key}=... is required "
+                               "(vocoder-eval checkpoint=CKPT input=DIR output=DIR)")
+    device = _device(str(cfg.device))
+    output = Path(str(cfg.output))
+    sigma = None if cfg.sigma is None else float(cfg.sigma)
+    f0_dir = None if cfg.f0_dir is None else Path(str(cfg.f0_dir))
+    if f0_dir is not None and not f0_dir.is_dir():
+        raise VocoderError(f"f0_dir={f0_dir}: not a folder")
+    files = _input_files(Path(str(cfg.input)), cfg.max_files)
+
+    model = load_model(str(cfg.checkpoint), device=device)
+    features = model.features
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = load_model(str(cfg.teacher), device=device)
+        if teacher.kind != "teacher":
+            raise VocoderError(f"{cfg.teacher}: holds a {teacher.kind} model, not a teacher")
+        if teacher.features.sample_rate != features.sample_rate:
+            raise VocoderError(f"{cfg.teacher}: teacher runs at {teacher.features.sample_rate} "
+                               f"Hz, the checkpoint at {features.sample_rate} Hz")
+    f0_range = (float(cfg.f0_fmin), float(cfg.f0_fmax))
+    shortest = max(features.min_samples(), MultiResolutionSTFTLoss().min_samples())
+
+    rows, skipped = [], []
+    for name, path in files:
+        try:
+            audio = load_audio(path, features.sample_rate)
+            if audio.shape[0] < shortest:
+                raise InputError(path, f"too short ({audio.shape[0]} samples, "
+                                       f"need at least {shortest})")
+        except InputError as e:
+            print(f"warning: {e}", file=sys.stderr)
+            skipped.append({"file": str(path), "problem": e.problem})
+            continue
+        torch.manual_seed(int(cfg.seed))  # each file's noise independent of the others
+        mel = features(torch.from_numpy(audio).to(device)).unsqueeze(0)
+        start = time.perf_counter()
+        with torch.no_grad():
+            synthesis = model.synthesize(mel, sigma=sigma)[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        synth_seconds = time.perf_counter() - start
+        synthesis = synthesis[: audio.shape[0]].float().cpu().numpy()
+        bad = int((~np.isfinite(synthesis)).sum())
+        if bad:
+            print(f"warning: {path}: synthesis has {bad} NaN/Inf samples (set to 0/±1)",
+                  file=sys.stderr)
+            synthesis = np.nan_to_num(synthesis, nan=0.0, posinf=1.0, neginf=-1.0)
+        write_wav(output / "wavs" / f"{name}.wav", synthesis, features.sample_rate)
+        ref_f0 = _true_f0(f0_dir, path.stem, audio.shape[0] // features.hop_length + 1)
+        start = time.perf_counter()
+        row = {"name": name, "file": str(path), "seconds": audio.shape[0] / features.sample_rate,
+               "synthesis_seconds": synth_seconds}
+        row.update(copy_synthesis_metrics(audio, synthesis, features, ref_f0, f0_range,
+                                          int(cfg.n_mfcc)))
+        if teacher is not None:
+            row.update(_teacher_nll(teacher, audio, synthesis))
+        row["metrics_seconds"] = time.perf_counter() - start
+        if bad:
+            row["nonfinite_samples"] = bad
+        rows.append(row)
+        print(f"{name}: " + ", ".join(
+            f"{k}={format_metric(row[k])}" for k in _HEADLINE if k in row))
+    if not rows:
+        raise VocoderError(f"{cfg.input}: none of the {len(files)} audio file(s) could be read")
+
+    result = {
+        "checkpoint": str(cfg.checkpoint),
+        "kind": model.kind,
+        "teacher": None if teacher is None else str(cfg.teacher),
+        "device": str(device),
+        "sigma": sigma,
+        "features": features.config.to_dict(),
+        "mcd_includes_c0": False,
+        "mcd_n_mfcc": int(cfg.n_mfcc),
+        "f0_range_hz": list(f0_range),
+        "files": rows,
+        "skipped": skipped,
+        "mean": summarise(rows),
+        "definitions": DEFINITIONS,
+    }
+    result = _json_safe(result)
+    write_text_atomic(output / "metrics.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(output / "metrics.md", markdown(result))
+    if cfg.report:
+        write_html_report(output, rows, {model.kind: output / "wavs"}, reference_dir=None,
+                          metrics={model.kind: result}, features=features,
+                          title=f"Copy-synthesis: {model.kind} ({cfg.checkpoint})")
+    return result
+
+
+@hydra_app("eval")
+def main(cfg) -> None:
+    from vocoder.report import format_metric
+
+    result = evaluate(cfg)
+    mean = result["mean"]
+    print(f"{result['kind']}: {mean['files']} file(s), " + ", ".join(
+        f"{k}={format_metric(mean[k])}" for k in _HEADLINE if k in mean))
+    print(f"metrics: {Path(str(cfg.output)) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Copy-synthesis quality: how far a vocoder's audio is from the recording its mel came from.
+
+Every function takes a reference and a synthesised waveform (mono float, numpy or torch,
+``[T]``, same sample rate) and first trims both to the shorter length. Copy-synthesis keeps
+the time axis (``F`` frames in, ``F * hop`` samples out), so frames are compared one to one;
+nothing is time-warped.
+
+Lower is better for every number here:
+
+* ``log_mel_l1``: mean absolute difference of natural-log mels from the one front end;
+* ``mr_stft``: multi-resolution STFT distance (:class:`~vocoder.losses.MultiResolutionSTFTLoss`);
+* ``mcd_db``: mel-cepstral distortion in dB (:func:`mel_cepstral_distortion`);
+* ``f0_rmse_cents``, ``voicing_error``: pitch error over frames voiced in both, and the fraction
+  of frames whose voiced/unvoiced decision differs (:func:`f0_metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vocoder.features import PRESETS, MelFrontEnd
+from vocoder.losses import DEFAULT_RESOLUTIONS, MultiResolutionSTFTLoss
+
+_DB_PER_NEPER = 10.0 / math.log(10.0)
+
+
+def _as_tensor(audio, device: torch.device | str = "cpu") -> Tensor:
+    x = audio if isinstance(audio, Tensor) else torch.from_numpy(np.asarray(audio))
+    x = x.detach().to(device=device, dtype=torch.float32)
+    if x.dim() != 1:
+        raise ValueError(f"expected mono audio [T], got shape {tuple(x.shape)}")
+    return x
+
+
+def _trimmed(ref, syn, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    ref, syn = _as_tensor(ref, device), _as_tensor(syn, device)
+    length = min(ref.shape[-1], syn.shape[-1])
+    return ref[:length], syn[:length]
+
+
+def _device_of(features: MelFrontEnd) -> torch.device:
+    return features.mel_basis.device
+
+
+@torch.no_grad()
+def log_mel_distance(ref, syn, features: MelFrontEnd) -> float:
+    """Mean over bands and frames of ``|ln mel(ref) - ln mel(syn)|`` (the front end's log-mels,
+    floored at ``ln(log_floor)``), in nepers."""
+    ref, syn = _trimmed(ref, syn, _device_of(features))
+    return float((features(ref) - features(syn)).abs().mean())
+
+
+@torch.no_grad()
+def mr_stft_distance(ref, syn,
+                     resolutions: Sequence[Sequence[int]] = DEFAULT_RESOLUTIONS) -> float:
+    """Multi-resolution STFT distance: the mean over ``resolutions`` ``(n_fft, hop, win)`` of
+
+        ||S_r - S_s||_F / ||S_r||_F  +  mean |ln S_r - ln S_s|
+
+    with ``S`` the Hann-windowed STFT magnitudes of reference and synthesis (spectral
+    convergence plus log-magnitude L1). It is exactly the training loss
+    :class:`~vocoder.losses.MultiResolutionSTFTLoss`, evaluated on one utterance.
+    """
+    device = ref.device if isinstance(ref, Tensor) else "cpu"
+    ref, syn = _trimmed(ref, syn, device)
+    loss = MultiResolutionSTFTLoss(resolutions).to(device)
+    return float(loss(syn.unsqueeze(0), ref.unsqueeze(0)))
+
+
+def front_end_for_rate(sample_rate: int) -> MelFrontEnd:
+    """A front end at ``sample_rate``: the first preset at that rate (``tacotron2`` at
+    22050 Hz), else the ``tacotron2`` settings with the rate (and ``fmax``, at most Nyquist)
+    replaced."""
+    for config in PRESETS.values():
+        if config.sample_rate == int(sample_rate):
+            return MelFrontEnd(config)
+    base = PRESETS["tacotron2"]
+    return MelFrontEnd(dataclasses.replace(
+        base, name=f"{base.name}@{int(sample_rate)}", sample_rate=int(sample_rate),
+        fmax=min(base.fmax, sample_rate / 2)))
+
+
+def _cosine_series_matrix(n_bands: int, n_coefficients: int, device) -> Tensor:
+    """``C[d, n] = cos(pi d (n + 1/2) / N) / N``: the DCT-II scaled so that a log spectrum
+    ``L_n = c_0 + 2 sum_{d>=1} c_d cos(pi d (n + 1/2) / N)`` for ``c = C @ L``."""
+    d = torch.arange(n_coefficients, dtype=torch.float64).unsqueeze(1)
+    n = torch.arange(n_bands, dtype=torch.float64).unsqueeze(0)
+    return (torch.cos(math.pi * d * (n + 0.5) / n_bands) / n_bands).float().to(device)
+
+
+@torch.no_grad()
+def mel_cepstrum(audio, features: MelFrontEnd, n_mfcc: int = 24) -> Tensor:
+    """Mel-cepstra ``[n_mfcc, F]`` (``c_0 .. c_{n_mfcc-1}``) of mono ``audio [T]``.
+
+    The log mel power spectrum is ``L = 2 ln mel`` (the front end's natural-log mel
+    magnitudes, squared); the cepstrum is its DCT-II along the mel axis, the transform
+    ``librosa.feature.mfcc`` uses, scaled by ``1/N`` (``N`` mel bands) rather than
+    orthonormally and taken of natural-log rather than dB power, so that
+    ``L_n = c_0 + 2 sum_{d>=1} c_d cos(pi d (n + 1/2) / N)`` over the first ``n_mfcc`` terms.
+    """
+    features_device = _device_of(features)
+    log_power = 2.0 * features(_as_tensor(audio, features_device))
+    if not 1 <= n_mfcc <= log_power.shape[0]:
+        raise ValueError(f"n_mfcc must be in 1..{log_power.shape[0]}, got {n_mfcc}")
+    return _cosine_series_matrix(log_power.shape[0], n_mfcc, features_device) @ log_power
+
+
+@torch.no_grad()
+def mel_cepstral_distortion(ref, syn, sample_rate: int, n_mfcc: int = 24,
+                            include_c0: bool = False,
+                            features: MelFrontEnd | None = None) -> float:
+    """Mel-cepstral distortion in dB, averaged over frames (aligned one to one, no DTW).
+
+    Per frame, with ``c`` and ``c'`` the :func:`mel_cepstrum` of reference and synthesis::
+
+        MCD = 10 / ln 10 * sqrt(2 * sum_{d=1}^{n_mfcc-1} (c_d - c'_d)^2)
+
+    ``c_0``, the frame's mean log level, is left out by default, so a change of gain does not
+    count. With that cepstrum scaling (natural-log power, DCT divided by ``N``), Parseval's
+    identity makes the value the RMS difference over mel bands, in dB, of the two cepstrally
+    smoothed log mel power spectra with each frame's mean level removed. ``include_c0=True``
+    adds ``(c_0 - c'_0)^2`` (weight 1, the exact Parseval term) under the square root, giving
+    the RMS dB difference including level. Values are on this toolkit's scale (80 Slaney mel
+    bands), not directly comparable with SPTK ``mcep``-based numbers from papers.
+
+    ``features`` is the front end to use (a model's own, in evaluation); by default
+    :func:`front_end_for_rate` picks one for ``sample_rate``.
+    """
+    if features is None:
+        features = front_end_for_rate(sample_rate)
+    if int(sample_rate) != features.sample_rate:
+        raise ValueError(f"audio at {sample_rate} Hz does not fit the mel preset "
+                         f"{features.config.name!r} ({features.sample_rate} Hz)")
+    ref, syn = _trimmed(ref, syn, _device_of(features))
+    diff = mel_cepstrum(ref, features, n_mfcc) - mel_cepstrum(syn, features, n_mfcc)
+    squared = 2.0 * diff[1:].square().sum(dim=0)
+    if include_c0:
+        squared = squared + diff[0].square()
+    return float(_DB_PER_NEPER * torch.sqrt(squared).mean())
+
+
+def estimate_f0(audio, sample_rate: int, hop_length: int, fmin: float = 50.0,
+                fmax: float = 500.0) -> np.ndarray:
+    """F0 in Hz per frame (0.0 where unvoiced) with ``librosa.pyin``, float32 ``[T // hop + 1]``.
+
+    Frames are centred like the front end's (frame ``i`` at sample ``i * hop``). The analysis
+    frame is the smallest power of two holding four periods of ``fmin`` (2048 samples at
+    22.05 kHz and 50 Hz). pyin is slow (about real time on one core): call it only on what
+    needs it.
+    """
+    import librosa
+
+    y = _as_tensor(audio).numpy()
+    frame_length = 1 << math.ceil(math.log2(4.0 * sample_rate / fmin))
+    f0, voiced, _ = librosa.pyin(y, fmin=fmin, fmax=fmax, sr=sample_rate,
+                                 frame_length=frame_length, hop_length=hop_length, center=True)
+    f0 = np.where(voiced & np.isfinite(f0), f0, 0.0).astype(np.float32)
+    return f0[: y.shape[-1] // hop_length + 1]
+
+
+def f0_metrics(ref_f0, syn_f0) -> dict:
+    """Pitch and voicing agreement of two F0 contours (Hz per frame, 0 = unvoiced).
+
+    Contours are trimmed to the shorter one. Returns:
+
+    * ``f0_rmse_cents``: ``sqrt(mean((1200 log2(f_syn / f_ref))^2))`` over frames voiced in
+      both (NaN when there are none); an octave error is 1200 cents;
+    * ``voicing_error``: fraction of frames where exactly one of the two is voiced;
+    * ``frames``, ``voiced_both``, ``voiced_ref``, ``voiced_syn``: frame counts.
+    """
+    ref_f0 = np.asarray(ref_f0, dtype=np.float64).reshape(-1)
+    syn_f0 = np.asarray(syn_f0, dtype=np.float64).reshape(-1)
+    length = min(ref_f0.shape[0], syn_f0.shape[0])
+    ref_f0, syn_f0 = ref_f0[:length], syn_f0[:length]
+    ref_voiced = np.isfinite(ref_f0) & (ref_f0 > 0)
+    syn_voiced = np.isfinite(syn_f0) & (syn_f0 > 0)
+    both = ref_voiced & syn_voiced
+    if both.any():
+        cents = 1200.0 * np.log2(syn_f0[both] / ref_f0[both])
+        rmse = float(np.sqrt(np.mean(cents ** 2)))
+    else:
+        rmse = float("nan")
+    return {
+        "f0_rmse_cents": rmse,
+        "voicing_error": float(np.mean(ref_voiced != syn_voiced)) if length else float("nan"),
+        "frames": int(length),
+        "voiced_both": int(both.sum()),
+        "voiced_ref": int(ref_voiced.sum()),
+        "voiced_syn": int(syn_voiced.sum()),
+    }
+
+
+def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
+                           f0_range: tuple[float, float] = (50.0, 500.0),
+                           n_mfcc: int = 24) -> dict:
+    """All copy-synthesis metrics of one utterance, as a flat dict.
+
+    Keys: ``log_mel_l1``, ``mr_stft``, ``mcd_db`` (``c_0`` excluded), ``f0_rmse_cents``,
+    ``voicing_error``, ``f0_source`` (``"true"`` when ``ref_f0``, the known F0 of the
+    reference, is given; ``"pyin"`` when it was estimated from the reference audio) and the
+    frame counts of :func:`f0_metrics`. The synthesis' F0 is always estimated with pyin.
+    """
+    device = _device_of(features)
+    ref, syn = _trimmed(ref, syn, device)
+    rate, hop = features.sample_rate, features.hop_length
+    if ref_f0 is None:
+        ref_f0, source = estimate_f0(ref.cpu(), rate, hop, *f0_range), "pyin"
+    else:
+        source = "true"
+    syn_f0 = estimate_f0(syn.cpu(), rate, hop, *f0_range)
+    row = {
+        "log_mel_l1": log_mel_distance(ref, syn, features),
+        "mr_stft": mr_stft_distance(ref, syn),
+        "mcd_db": mel_cepstral_distortion(ref, syn, rate, n_mfcc=n_mfcc, features=features),
+    }
+    row.update(f0_metrics(ref_f0, syn_f0))
+    row["f0_source"] = source
+    return row

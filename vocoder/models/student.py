@@ -1,0 +1,364 @@
+"""The student: a stack of inverse autoregressive flows (IAF) from noise ``z`` to audio ``x``.
+
+Flow ``k`` reads the previous flow's output ``z^(k-1)`` (``z^0 = z``) shifted right by one
+sample, so position ``t`` sees only ``z^(k-1)_<t``::
+
+    z^k_t = z^(k-1)_t * sigma^k_t + mu^k_t,   (mu^k_t, log sigma^k_t) = WaveNet_k(z^(k-1)_<t, c)
+
+Every flow is affine in its input given the past, so the whole chain is one affine map per
+step: ``x_t = mu_tot_t + sigma_tot_t * z_t`` with ``log sigma_tot = sum_k log sigma^k`` and
+``mu_tot`` composed flow by flow (``mu_tot^k = mu_tot^(k-1) * sigma^k + mu^k``). Both totals
+depend on ``z_<t`` only, so given the past ``x_t`` is Gaussian and the student knows the
+density of its own samples exactly. Sampling is one parallel pass, with no loop over time.
+
+Training runs the flows as ordinary modules (:meth:`Student.forward`). Synthesis runs them
+through :class:`LeanFlow`, the same arithmetic laid out for speed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vocoder.errors import VocoderError
+from vocoder.models.base import Vocoder
+from vocoder.models.teacher import LOG_2PI
+from vocoder.nn.wavenet import SQRT_HALF, MelUpsampler, WaveNetStack
+
+
+def frames_to_samples(upsampler: MelUpsampler, frames: int, device: torch.device,
+                      dtype: torch.dtype) -> tuple[Tensor, int]:
+    """The upsampler's stretching and smoothing as a banded matrix, in polyphase form.
+
+    After its first convolution :class:`~vocoder.nn.wavenet.MelUpsampler` is linear in time
+    and treats every channel alike, so it maps frames to samples by one matrix ``M [F, F * hop]``
+    (edges included: replicate padding is linear too), found by upsampling the identity.
+    Sample ``i * hop + p`` reads only frames ``i - J .. i + J``. Returns ``(A, J)`` with
+    ``A [F, hop, 2J + 1]``, ``A[i, p, j] = M[i + j - J, i * hop + p]`` (zero outside the
+    utterance). Any per-frame projection ``W`` commutes with it: ``W up(c) = up(W c)``.
+    """
+    hop = upsampler.hop_length
+    c = torch.eye(frames, device=device, dtype=dtype)[None, None]
+    for scale, smoother in zip(upsampler.scales, upsampler.smoothers):
+        c = smoother(c.repeat_interleave(scale, dim=-1))
+    matrix = c[0, 0]
+    support = matrix.nonzero()
+    reach = int((support[:, 0] - support[:, 1] // hop).abs().max()) if len(support) else 0
+    padded = F.pad(matrix, (0, 0, reach, reach))
+    bands = [padded[j:j + frames].view(frames, frames, hop).diagonal(dim1=0, dim2=1).t()
+             for j in range(2 * reach + 1)]
+    return torch.stack(bands, dim=-1), reach
+
+
+class LeanFlow:
+    """One flow's WaveNet baked for parallel inference.
+
+    Everything runs time-major, as matrix products over all ``B * T`` positions at once:
+
+    * activations live in ``[B, P + T, C]`` buffers (flattened to rows) whose first ``P`` rows
+      per sequence are zeros, ``P`` at least the largest causal padding, so the input of a
+      dilated tap ``s`` steps back is a row range of one contiguous matrix: a causal
+      convolution is one ``addmm`` per kernel tap into the gate, with no padding copies;
+    * the mel conditioning never exists at the sample rate: each layer's 1x1 projection is
+      applied to the frames and then upsampled by the banded polyphase matrix of
+      :func:`frames_to_samples`, one ``baddbmm`` with ``2J + 1`` (about 5) multiply-adds per
+      gate value instead of ``cond_channels``;
+    * one sigmoid gives the whole gate: ``tanh(a) = 2 sigmoid(2a) - 1``, so with the filter
+      half of the gate weights doubled, ``sigmoid(b) - 2 sigmoid(2a) sigmoid(b)`` (one
+      ``addcmul``) is ``-tanh(a) sigmoid(b)``, whose sign goes into the 1x1s after it;
+    * the gated output sits beside a constant 1 so the 1x1 biases are rows of their matrices:
+      the residual update ``sqrt(0.5) (h + W g + b)`` is one ``addmm`` straight into the next
+      layer's buffer, and the skip sum (scale ``sqrt(1 / n_layers)`` folded in) accumulates in
+      place.
+
+    The weights are copied at construction; build a new one after the weights change.
+    """
+
+    def __init__(self, stack: WaveNetStack, device: torch.device, dtype: torch.dtype):
+        def baked(t: Tensor) -> Tensor:
+            return t.detach().to(device, dtype).contiguous()
+
+        def with_bias(conv: nn.Conv1d, rows: slice, scale: float) -> Tensor:
+            # [G/2 + 1, C_out] for [-g, 1] @ W: weight negated (the gate's sign), bias kept.
+            return baked(torch.cat([-conv.weight[rows, :, 0].t(), conv.bias[rows][None]]) * scale)
+
+        gate = stack.gate_channels
+        self.half = gate // 2
+        with torch.no_grad():
+            gate_scale = torch.ones(gate, device=stack.input.weight.device)
+            gate_scale[:self.half] = 2.0
+            skip_scale = math.sqrt(1.0 / stack.n_layers)
+            self.cond_weight = baked(stack.cond.weight[:, :, 0].t()
+                                     * gate_scale.repeat(stack.n_layers))
+            self.input_weight = baked(stack.input.weight[:, 0, 0])
+            self.input_bias = baked(stack.input.bias)
+            self.layers = []
+            for block in stack.blocks:
+                conv = block.conv
+                k, d = conv.kernel_size, conv.dilation
+                taps = [((k - 1 - j) * d, baked(conv.conv.weight[:, :, j].t() * gate_scale))
+                        for j in range(k)]
+                n_res = block.residual_channels if block.has_residual else 0
+                self.layers.append((
+                    baked(conv.conv.bias * gate_scale),
+                    taps,
+                    with_bias(block.out, slice(n_res, None), skip_scale),
+                    with_bias(block.out, slice(0, n_res), SQRT_HALF) if n_res else None,
+                ))
+            self.hidden_weight = baked(stack.head[1].weight[:, :, 0].t())
+            self.hidden_bias = baked(stack.head[1].bias)
+            self.output_weight = baked(stack.head[3].weight[:, :, 0].t())
+            self.output_bias = baked(stack.head[3].bias)
+        self.gate_channels = gate
+        self.padding = max(block.conv.left_padding for block in stack.blocks)
+
+    def __call__(self, h: Tensor, work: LeanWork) -> Tensor:
+        """``h [B, T]`` (the flow's input, not yet shifted) -> ``[B, T, 2]`` (mu, unclamped
+        log sigma)."""
+        batch, length = h.shape
+        pad, gate_channels = work.padding, self.gate_channels
+        buffers, gate, gated, skip = work.h, work.gate, work.gated, work.skip
+        filter_half, gate_half = gate[:, :self.half], gate[:, self.half:]
+        gated_only = gated[:, :self.half]
+        blocks = gate.view(work.window_starts, -1, gate_channels)
+        # Every layer's projection of every frame: [frame rows, n_layers * G].
+        projected = torch.mm(work.frames, self.cond_weight)
+        row = projected.stride(0)
+        start = projected.storage_offset() + work.first_window * row
+        torch.addcmul(self.input_bias, F.pad(h, (1, -1)).unsqueeze(-1), self.input_weight,
+                      out=buffers[0].view(batch, pad + length, -1)[:, pad:])
+        current = 0
+        for i, (bias, taps, skip_weight, residual_weight) in enumerate(self.layers):
+            rows = buffers[current]
+            windows = projected.as_strided((work.window_starts, work.window, gate_channels),
+                                           (row, row, 1), start + i * gate_channels)
+            torch.baddbmm(bias, work.polyphase, windows, out=blocks)
+            for shift, weight in taps:
+                gate.addmm_(rows[pad - shift:rows.shape[0] - shift], weight)
+            gate.sigmoid_()
+            torch.addcmul(gate_half, filter_half, gate_half, value=-2.0, out=gated_only)
+            if i == 0:
+                torch.mm(gated, skip_weight, out=skip)
+            else:
+                skip.addmm_(gated, skip_weight)
+            if residual_weight is not None:
+                following = buffers[1 - current]
+                torch.addmm(rows[pad:], gated, residual_weight, beta=SQRT_HALF,
+                            out=following[pad:])
+                # Rows between sequences hold junk now; they are the next sequence's padding.
+                following.view(batch, pad + length, -1)[1:, :pad].zero_()
+                current = 1 - current
+        skip.relu_()
+        hidden = torch.addmm(self.hidden_bias, skip, self.hidden_weight, out=work.hidden)
+        hidden.relu_()
+        torch.addmm(self.output_bias, hidden, self.output_weight, out=work.out[pad:])
+        return work.out.view(batch, pad + length, 2)[:, pad:]
+
+
+class LeanWork:
+    """Buffers and conditioning shared by the :class:`LeanFlow` passes of one synthesis.
+
+    Sequences are laid out as blocks of ``hop`` rows: ``pad_frames`` zero blocks, then the
+    ``F`` data blocks, repeated per sequence; the flows compute every row from the first data
+    row on (the gaps between sequences are junk and ignored). ``frames`` holds the mel
+    features after the upsampler's first convolution, one row per block (zero rows in the
+    gaps, ``J`` more at the end) and ``polyphase [blocks, hop, 2J + 1]`` the upsampling
+    weights of each computed block (zero for the gaps).
+    """
+
+    def __init__(self, student: Student, flows: list[LeanFlow], mel: Tensor):
+        weight = student.flows[0].input.weight
+        device, dtype = weight.device, weight.dtype
+        batch, _, frames = mel.shape
+        hop = student.hop_length
+        polyphase, reach = frames_to_samples(student.upsampler, frames, device, dtype)
+        pad_frames = max(reach, -(-max(flow.padding for flow in flows) // hop))
+        stride = pad_frames + frames
+        self.padding = pad_frames * hop
+        self.window = 2 * reach + 1
+        self.window_starts = batch * stride - pad_frames
+        self.first_window = pad_frames - reach
+        features = student.upsampler.frame_conv(mel).transpose(1, 2)
+        self.frames = features.new_zeros(batch * stride + reach, features.shape[-1])
+        self.frames[:batch * stride].view(batch, stride, -1)[:, pad_frames:] = features
+        blocks = polyphase.new_zeros(batch, stride, hop, self.window)
+        blocks[:, pad_frames:] = polyphase
+        self.polyphase = blocks.view(batch * stride, hop, -1)[pad_frames:]
+        stack = student.flows[0]
+        rows = batch * stride * hop
+        computed = rows - self.padding
+        residual = stack.blocks[0].residual_channels
+        skip = stack.head[1].in_channels
+        self.h = [torch.zeros(rows, residual, device=device, dtype=dtype) for _ in range(2)]
+        self.gate = torch.empty(computed, stack.gate_channels, device=device, dtype=dtype)
+        self.gated = torch.empty(computed, stack.gate_channels // 2 + 1, device=device,
+                                 dtype=dtype)
+        self.gated[:, -1] = 1.0
+        self.skip = torch.empty(computed, skip, device=device, dtype=dtype)
+        self.hidden = torch.empty_like(self.skip)
+        self.out = torch.empty(rows, 2, device=device, dtype=dtype)
+
+
+class Student(Vocoder):
+    """IAF student of probability density distillation.
+
+    Architecture keywords (all returned by :meth:`arch_config`):
+
+    * ``flow_layers``: residual layers of each flow's WaveNet, one entry per flow (Parallel
+      WaveNet: ``[10, 10, 10, 30]``; ClariNet: six flows of 10);
+    * ``cycle_length``: dilation of layer ``i`` is ``2 ** (i % cycle_length)``;
+    * ``residual_channels``, ``gate_channels`` (even), ``skip_channels``, ``kernel_size``;
+    * ``cond_channels``: channels of the upsampled mel, computed once and shared by all flows;
+    * ``upsample_scales``, ``frame_context``: the mel upsampler (see
+      :class:`~vocoder.nn.wavenet.MelUpsampler`);
+    * ``log_sigma_min``: floor of every flow's log-scale, and the floor at which distillation
+      clamps the total log-scale;
+    * ``log_sigma_init``: total log-scale at initialisation, spread evenly over the flows'
+      output biases (the last 1x1 of each flow starts at zero, so every flow starts as
+      ``z -> z * exp(log_sigma_init / K)``: the identity for 0.0);
+    * ``weight_norm``: weight-normalise the WaveNets while training (removed for inference).
+    """
+
+    kind = "student"
+
+    def __init__(self, n_mels: int, hop_length: int,
+                 flow_layers: Sequence[int] = (10, 10, 10, 30), cycle_length: int = 10,
+                 residual_channels: int = 64, gate_channels: int = 128, skip_channels: int = 64,
+                 kernel_size: int = 3, cond_channels: int = 80,
+                 upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
+                 log_sigma_min: float = -7.0, log_sigma_init: float = 0.0,
+                 weight_norm: bool = False):
+        super().__init__(n_mels, hop_length)
+        flow_layers = [int(n) for n in flow_layers]
+        if not flow_layers or min(flow_layers) < 1:
+            raise ValueError(f"flow_layers must list at least one positive depth, got {flow_layers}")
+        self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
+                                      frame_context)
+        self.flows = nn.ModuleList(
+            WaveNetStack(
+                in_channels=1, out_channels=2, n_layers=n, cycle_length=cycle_length,
+                residual_channels=residual_channels, gate_channels=gate_channels,
+                skip_channels=skip_channels, kernel_size=kernel_size,
+                cond_channels=cond_channels, weight_norm=weight_norm, zero_init_output=True,
+            )
+            for n in flow_layers
+        )
+        with torch.no_grad():
+            for flow in self.flows:
+                flow.head[-1].bias[1] = float(log_sigma_init) / len(flow_layers)
+        self.log_sigma_min = float(log_sigma_min)
+        self._arch = dict(
+            flow_layers=flow_layers, cycle_length=cycle_length,
+            residual_channels=residual_channels, gate_channels=gate_channels,
+            skip_channels=skip_channels, kernel_size=kernel_size, cond_channels=cond_channels,
+            upsample_scales=list(self.upsampler.scales), frame_context=frame_context,
+            log_sigma_min=self.log_sigma_min, log_sigma_init=float(log_sigma_init),
+            weight_norm=weight_norm,
+        )
+        self._lean: tuple[tuple, list[LeanFlow]] | None = None
+
+    def arch_config(self) -> dict:
+        return dict(self._arch)
+
+    @property
+    def receptive_field(self) -> int:
+        """Past noise samples one output sees: ``mu_tot_t`` depends on
+        ``z[t - receptive_field : t]`` (each flow adds its WaveNet's span)."""
+        return sum(flow.receptive_field for flow in self.flows)
+
+    def _conditioning(self, mel: Tensor, length: int) -> Tensor:
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"mel must be [B, {self.n_mels}, F], got {tuple(mel.shape)}")
+        if mel.shape[-1] * self.hop_length != length:
+            raise ValueError(f"{length} samples need {length / self.hop_length:g} mel frames "
+                             f"(hop {self.hop_length}), got {mel.shape[-1]}")
+        return self.upsampler(mel)
+
+    def _flow_step(self, h: Tensor, mu_tot: Tensor, log_sigma_tot: Tensor, z: Tensor,
+                   out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fold one flow's ``out [B, T, 2]`` or ``[B, 2, T]`` halves into the totals."""
+        mu, log_sigma = out
+        log_sigma = torch.clamp(log_sigma, min=self.log_sigma_min)
+        mu_tot = torch.addcmul(mu, mu_tot, torch.exp(log_sigma))
+        log_sigma_tot = log_sigma_tot + log_sigma
+        return torch.addcmul(mu_tot, torch.exp(log_sigma_tot), z), mu_tot, log_sigma_tot
+
+    def forward(self, z: Tensor, mel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``z [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(x, mu_tot, log_sigma_tot)``, each
+        ``[B, T]``, with ``x = mu_tot + exp(log_sigma_tot) * z``.
+
+        ``mu_tot[:, t]`` and ``log_sigma_tot[:, t]`` depend only on ``z[:, :t]`` and the mel.
+        Each flow's output is kept in ``z``'s dtype, so under autocast the WaveNets run in low
+        precision while the composition of the flows stays in float32.
+        """
+        cond = self._conditioning(mel, z.shape[-1])
+        mu_tot = torch.zeros_like(z)
+        log_sigma_tot = torch.zeros_like(z)
+        h = z
+        for flow in self.flows:
+            out = flow(F.pad(h, (1, -1)).unsqueeze(1), cond).to(z.dtype)
+            h, mu_tot, log_sigma_tot = self._flow_step(h, mu_tot, log_sigma_tot, z,
+                                                       out.unbind(1))
+        return h, mu_tot, log_sigma_tot
+
+    def _lean_flows(self, device: torch.device, dtype: torch.dtype) -> list[LeanFlow]:
+        # Baked once per set of weights: any in-place update, load or move changes the key.
+        key = (device, dtype) + tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._lean is None or self._lean[0] != key:
+            self._lean = (key, [LeanFlow(flow, device, dtype) for flow in self.flows])
+        return self._lean[1]
+
+    @torch.inference_mode()
+    def sample(self, z: Tensor, mel: Tensor) -> Tensor:
+        """``x [B, T]`` for noise ``z [B, T]`` and ``mel [B, n_mels, T // hop]``: the ``x`` of
+        :meth:`forward` (up to rounding), computed by the lean inference path."""
+        weight = self.flows[0].input.weight
+        z, mel = z.to(weight), mel.to(weight)
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels or z.shape != (
+                mel.shape[0], mel.shape[-1] * self.hop_length):
+            raise ValueError(f"need mel [B, {self.n_mels}, F] and z [B, F * {self.hop_length}], "
+                             f"got {tuple(mel.shape)} and {tuple(z.shape)}")
+        flows = self._lean_flows(weight.device, weight.dtype)
+        work = LeanWork(self, flows, mel)
+        mu_tot = torch.zeros_like(z)
+        log_sigma_tot = torch.zeros_like(z)
+        h = z
+        for flow in flows:
+            h, mu_tot, log_sigma_tot = self._flow_step(h, mu_tot, log_sigma_tot, z,
+                                                       flow(h, work).unbind(-1))
+        return h
+
+    def noise(self, mel: Tensor, sigma: float = 1.0) -> Tensor:
+        """Draw ``z ~ N(0, sigma^2)`` of shape ``[B, F * hop]`` for ``mel [B, n_mels, F]``."""
+        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
+        return torch.randn(shape, device=mel.device, dtype=mel.dtype) * sigma
+
+    def log_prob_of_sample(self, z: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
+        """The sample ``x [B, T]`` that noise ``z [B, T]`` maps to, and its exact log-density
+        under the student (``z ~ N(0, 1)``) in nats per utterance ``[B]``:
+        ``sum_t log N(z_t; 0, 1) - log_sigma_tot_t`` (the Jacobian ``dx/dz`` is triangular with
+        diagonal ``exp(log_sigma_tot)``)."""
+        x, _, log_sigma_tot = self(z, mel)
+        log_q = (-0.5 * (z * z + LOG_2PI) - log_sigma_tot).sum(-1)
+        return x, log_q
+
+    def training_loss(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, dict[str, float]]:
+        raise VocoderError("the student is trained by distillation from a teacher "
+                           "(vocoder.distill.DistillationObjective, vocoder-distill)")
+
+    @torch.inference_mode()
+    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` in one parallel pass;
+        ``z ~ N(0, sigma^2)`` with ``sigma`` defaulting to 1.0."""
+        mel = mel.to(self.flows[0].input.weight)
+        return self.sample(self.noise(mel, 1.0 if sigma is None else sigma), mel)
+
+    def prepare_for_inference(self) -> Student:
+        for flow in self.flows:
+            flow.remove_weight_norm()
+        self._lean = None
+        return self

@@ -1,0 +1,195 @@
+"""WaveGlow (Prenger, Valle & Catanzaro, 2019), laid out like NVIDIA's published model so that
+its weights import exactly (see :mod:`vocoder.models.waveglow_import`).
+
+Shapes: audio ``[B, T]`` with ``T`` a multiple of ``n_group``; mels ``[B, n_mels, F]`` with
+``(F - 1) * hop + upsample_kernel >= T`` (``T = F * hop`` for training segments and synthesis).
+
+The flow, audio -> z:
+
+1. A learned ``ConvTranspose1d(n_mels, n_mels, upsample_kernel, stride=hop)`` upsamples the mel
+   to the sample rate; the output is cut to the first ``T`` samples.
+2. Squeeze: audio becomes ``[B, n_group, T / n_group]``, channel ``j`` of group position ``p``
+   being sample ``p * n_group + j``; the upsampled mel becomes ``[B, n_mels * n_group,
+   T / n_group]``, channel ``m * n_group + j`` being band ``m`` at sample ``p * n_group + j``.
+3. For ``k = 0 .. n_flows - 1``: when ``k > 0`` and ``k % n_early_every == 0``, the first
+   ``n_early_size`` channels leave as an early output; then an invertible 1x1 convolution and
+   an affine coupling act on the remaining channels.
+4. The early outputs (in the order they left) and the final channels are concatenated to
+   ``[B, n_group, T / n_group]`` and un-squeezed with the inverse of step 2, so that
+   ``z[:, p * n_group + c]`` is channel ``c`` of group position ``p``. This is the layout
+   NVIDIA's ``infer`` reads its noise in, so the same ``z`` gives the same audio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from vocoder.flows.coupling import AffineCoupling
+from vocoder.flows.invconv import INVCONVS, make_invconv
+from vocoder.models.base import Vocoder
+
+# One step of 16-bit audio in [-1, 1): the width of the uniform dequantisation noise.
+QUANTISATION_STEP = 2.0 / 2**16
+
+
+class WaveGlow(Vocoder):
+    """WaveGlow flow vocoder; trained by maximum likelihood, sampled with ``sigma`` ~ 0.6."""
+
+    kind = "waveglow"
+
+    def __init__(self, n_mels: int, hop_length: int, n_flows: int = 12, n_group: int = 8,
+                 n_early_every: int = 4, n_early_size: int = 2, n_layers: int = 8,
+                 n_channels: int = 256, kernel_size: int = 3, invconv: str = "plain",
+                 upsample_kernel: int | None = None, sigma: float = 0.6,
+                 train_sigma: float = 1.0, weight_norm: bool = True):
+        super().__init__(n_mels, hop_length)
+        upsample_kernel = 4 * hop_length if upsample_kernel is None else int(upsample_kernel)
+        if n_group < 2 or n_group % 2 or hop_length % n_group:
+            raise ValueError(f"n_group must be even and divide hop_length {hop_length}, "
+                             f"got {n_group}")
+        if n_early_every < 1 or n_early_size < 0 or n_early_size % 2:
+            raise ValueError("n_early_every must be >= 1 and n_early_size even and >= 0")
+        if upsample_kernel < hop_length:
+            raise ValueError(f"upsample_kernel {upsample_kernel} is shorter than the hop "
+                             f"{hop_length}")
+        if invconv not in INVCONVS:
+            raise ValueError(f"unknown invconv {invconv!r}; known: {', '.join(INVCONVS)}")
+        self.n_flows, self.n_group = n_flows, n_group
+        self.n_early_every, self.n_early_size = n_early_every, n_early_size
+        self.n_layers, self.n_channels, self.kernel_size = n_layers, n_channels, kernel_size
+        self.invconv, self.upsample_kernel = invconv, upsample_kernel
+        self.sigma, self.train_sigma, self.weight_norm = sigma, train_sigma, weight_norm
+
+        self.flow_channels: list[int] = []
+        remaining = n_group
+        for k in range(n_flows):
+            if self._emits_early(k):
+                remaining -= n_early_size
+            if remaining < 2:
+                raise ValueError(f"early outputs leave {remaining} channels at flow {k}; "
+                                 "reduce n_early_size or raise n_early_every")
+            self.flow_channels.append(remaining)
+
+        self.upsample = nn.ConvTranspose1d(n_mels, n_mels, upsample_kernel, stride=hop_length)
+        self.invconvs = nn.ModuleList(make_invconv(invconv, c) for c in self.flow_channels)
+        self.couplings = nn.ModuleList(
+            AffineCoupling(c, n_mels * n_group, n_layers, n_channels, kernel_size, weight_norm)
+            for c in self.flow_channels
+        )
+
+    def arch_config(self) -> dict:
+        return dict(n_flows=self.n_flows, n_group=self.n_group,
+                    n_early_every=self.n_early_every, n_early_size=self.n_early_size,
+                    n_layers=self.n_layers, n_channels=self.n_channels,
+                    kernel_size=self.kernel_size, invconv=self.invconv,
+                    upsample_kernel=self.upsample_kernel, sigma=self.sigma,
+                    train_sigma=self.train_sigma, weight_norm=self.weight_norm)
+
+    def _emits_early(self, k: int) -> bool:
+        return self.n_early_size > 0 and k > 0 and k % self.n_early_every == 0
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.upsample.weight.dtype
+
+    def conditioning(self, mel: Tensor, n_samples: int) -> Tensor:
+        """``mel [B, n_mels, F]`` -> squeezed conditioning
+        ``[B, n_mels * n_group, T / n_group]``."""
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
+        up = self.upsample(mel.to(self._dtype))
+        if up.shape[-1] < n_samples:
+            raise ValueError(f"{mel.shape[-1]} mel frames cover {up.shape[-1]} samples, "
+                             f"fewer than the {n_samples} asked for")
+        batch, g = up.shape[0], self.n_group
+        up = up[..., :n_samples].reshape(batch, self.n_mels, n_samples // g, g)
+        return up.transpose(2, 3).reshape(batch, self.n_mels * g, n_samples // g)
+
+    def _squeeze(self, signal: Tensor) -> Tensor:
+        """``[B, T]`` -> ``[B, n_group, T / n_group]``."""
+        if signal.dim() != 2 or signal.shape[1] % self.n_group:
+            raise ValueError(f"expected [B, T] with T a multiple of {self.n_group}, "
+                             f"got {tuple(signal.shape)}")
+        batch, length = signal.shape
+        return signal.to(self._dtype).reshape(batch, length // self.n_group, self.n_group) \
+            .transpose(1, 2)
+
+    @staticmethod
+    def _unsqueeze(x: Tensor) -> Tensor:
+        """``[B, n_group, T / n_group]`` -> ``[B, T]``."""
+        return x.transpose(1, 2).reshape(x.shape[0], -1)
+
+    def encode(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
+        """``audio [B, T]`` -> ``(z [B, T], log_det [B])``: the flow's latent (layout in the
+        module docstring) and ``log|det dz/daudio|`` in nats."""
+        x = self._squeeze(audio)
+        cond = self.conditioning(mel, audio.shape[1])
+        early, log_det = [], 0.0
+        for k, (invconv, coupling) in enumerate(zip(self.invconvs, self.couplings,
+                                                    strict=True)):
+            if self._emits_early(k):
+                early.append(x[:, :self.n_early_size])
+                x = x[:, self.n_early_size:]
+            x, ld_w = invconv(x)
+            x, ld_s = coupling(x, cond)
+            log_det = log_det + ld_w + ld_s
+        return self._unsqueeze(torch.cat([*early, x], dim=1)), log_det
+
+    def decode(self, z: Tensor, mel: Tensor) -> Tensor:
+        """``z [B, T]`` -> audio ``[B, T]``, the exact inverse of :meth:`encode`."""
+        zs = self._squeeze(z)
+        cond = self.conditioning(mel, z.shape[1])
+        start = self.n_group - self.flow_channels[-1]
+        x = zs[:, start:]
+        for k in reversed(range(self.n_flows)):
+            x = self.couplings[k].inverse(x, cond)
+            x = self.invconvs[k].inverse(x)
+            if self._emits_early(k):
+                start -= self.n_early_size
+                x = torch.cat([zs[:, start:start + self.n_early_size], x], dim=1)
+        return self._unsqueeze(x)
+
+    def log_prob(self, audio: Tensor, mel: Tensor, sigma: float = 1.0) -> Tensor:
+        """``log p(audio | mel)`` in nats per utterance ``[B]``, with ``z ~ N(0, sigma^2)``."""
+        z, log_det = self.encode(audio, mel)
+        z = z.to(log_det.dtype)
+        n = z.shape[1]
+        log_norm = n * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+        return -0.5 * (z / sigma).square().sum(1) - log_norm + log_det
+
+    def training_loss(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Negative log-likelihood in nats per sample (``sigma = train_sigma``, 1.0 as
+        published) of the audio plus uniform noise one 16-bit step wide.
+
+        Metrics: ``nll`` (nats per sample; NVIDIA's printed loss leaves out the constant
+        ``0.5 * ln(2 pi)`` = 0.919) and ``bits_per_sample``, the code length of the 16-bit
+        samples that this bounds (``nll / ln 2 + 15``; 16 would be a uniform code).
+        """
+        dequantised = audio + torch.rand_like(audio) * QUANTISATION_STEP
+        nll = -(self.log_prob(dequantised, mel, self.train_sigma) / audio.shape[1]).mean()
+        value = float(nll.detach())
+        bits = (value - math.log(QUANTISATION_STEP)) / math.log(2)
+        return nll, {"nll": value, "bits_per_sample": bits}
+
+    @torch.no_grad()
+    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from ``z ~ N(0, sigma^2)``
+        (``sigma`` defaults to the model's, 0.6)."""
+        sigma = self.sigma if sigma is None else float(sigma)
+        if mel.dim() != 3:
+            raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
+        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
+        z = torch.randn(shape, device=mel.device).mul_(sigma).to(self._dtype)
+        return self.decode(z, mel)
+
+    def prepare_for_inference(self) -> WaveGlow:
+        """Remove weight norm, fold biases and each ``end`` conv into cheaper layers, and cache
+        every 1x1 inverse. Idempotent; changes the state dict's layout (save before)."""
+        for coupling in self.couplings:
+            coupling.net.fuse_for_inference()
+        for invconv in self.invconvs:
+            invconv.prepare_for_inference()
+        return self
