@@ -5,7 +5,7 @@ Trains by maximum likelihood with the shared trainer; rerunning the command resu
 
 from __future__ import annotations
 
-from vocoder.cli.common import front_end, hydra_app, prepare_data
+from vocoder.cli.common import apply_model_trainer_settings, front_end, hydra_app, prepare_data
 from vocoder.errors import VocoderError
 
 
@@ -17,6 +17,7 @@ def main(cfg) -> None:
     kind = str(cfg.model.kind)
     if kind == "student":
         raise VocoderError("the student is trained by distillation: use vocoder-distill teacher=CKPT")
+    cfg = apply_model_trainer_settings(cfg, kind)
     features = front_end(cfg)
     min_samples = int(cfg.trainer.segment_frames) * features.hop_length
     corpus = prepare_data(cfg, features, min_samples)

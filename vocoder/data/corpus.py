@@ -153,12 +153,33 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _cache_key(data_cfg, features: MelFrontEnd, sources: list[Source], min_samples: int) -> str:
+def _leave_out_short(corpus: PreparedCorpus, min_samples: int, data_cfg, log) -> PreparedCorpus:
+    """The cache keeps every usable file; utterances shorter than one training segment of
+    this run are reported and left out of the returned view."""
+    sr = corpus.features["sample_rate"]
+    keep, short = [], []
+    for e in corpus.manifest["entries"]:
+        (keep if e["samples"] >= min_samples else short).append(e)
+    for e in short:
+        log(f"warning: leaving out {e['source']}: too short ({e['samples'] / sr:.3f} s; a "
+            f"training segment needs {min_samples / sr:.3f} s)")
+    if not keep:
+        where = data_cfg.get("root") or data_cfg["name"]
+        raise VocoderError(f"{where}: no usable audio file (every file is shorter than one "
+                           f"training segment of {min_samples / sr:.3f} s)")
+    manifest = dict(corpus.manifest, entries=keep, skipped=corpus.manifest["skipped"] + [
+        {"file": e["source"], "reason": f"too short ({e['samples'] / sr:.3f} s; a training "
+                                        f"segment needs {min_samples / sr:.3f} s)"}
+        for e in short])
+    manifest["hours"] = sum(e["samples"] for e in keep) / sr / 3600
+    return PreparedCorpus(corpus.root, manifest)
+
+
+def _cache_key(data_cfg, features: MelFrontEnd, sources: list[Source]) -> str:
     relevant = {k: v for k, v in dict(data_cfg).items() if k not in ("cache_dir",)}
     h = hashlib.sha1()
     h.update(json.dumps(relevant, sort_keys=True, default=str).encode())
     h.update(json.dumps(features.config.to_dict(), sort_keys=True).encode())
-    h.update(str(min_samples).encode())
     for s in sources:
         h.update(f"{s.name}|{s.split}|{s.path}".encode())
         if s.path is not None and s.path.exists():
@@ -176,11 +197,11 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
     :class:`VocoderError` naming the corpus.
     """
     sources = discover(data_cfg)
-    key = _cache_key(data_cfg, features, sources, min_samples)
+    key = _cache_key(data_cfg, features, sources)
     root = Path(cache_dir) / f"{data_cfg['name']}-{features.config.name}-{key}"
     if (root / MANIFEST).is_file():
         log(f"reusing prepared features in {root}")
-        return PreparedCorpus.open(root)
+        return _leave_out_short(PreparedCorpus.open(root), min_samples, data_cfg, log)
 
     sr, hop = features.sample_rate, features.hop_length
     entries, skipped = [], []
@@ -208,9 +229,8 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
             peak = float(np.abs(audio).max())
             if peak < SILENCE_PEAK:
                 raise InputError(label, "all silent")
-            if len(audio) < max(min_samples, features.min_samples()):
-                raise InputError(label, f"too short ({len(audio) / sr:.3f} s; a training "
-                                        f"segment needs {max(min_samples, 1) / sr:.3f} s)")
+            if len(audio) < features.min_samples():
+                raise InputError(label, f"too short ({len(audio) / sr:.3f} s) for one mel frame")
         except InputError as e:
             skipped.append({"file": e.path, "reason": e.problem})
             log(f"warning: leaving out {e}")
@@ -235,7 +255,6 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
     manifest = {
         "corpus": data_cfg["name"],
         "features": features.config.to_dict(),
-        "min_samples": min_samples,
         "entries": entries,
         "skipped": skipped,
         "hours": sum(e["samples"] for e in entries) / sr / 3600,
@@ -244,4 +263,4 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, root / MANIFEST)
-    return PreparedCorpus(root, manifest)
+    return _leave_out_short(PreparedCorpus(root, manifest), min_samples, data_cfg, log)

@@ -202,10 +202,10 @@ class WN(nn.Module):
             total_skip_bias += end_w @ b[n_res:]
             new_w = torch.cat([w[:n_res], skip_w])
             new_b = torch.cat([b[:n_res], torch.zeros_like(skip_w[:, 0])])
-            fused = nn.Conv1d(new_w.shape[1], new_w.shape[0], 1).to(layer.weight)
-            fused.weight.copy_(new_w.unsqueeze(-1))
-            fused.bias.copy_(new_b)
-            self.res_skip_layers[i] = fused
+            merged = nn.Conv1d(new_w.shape[1], new_w.shape[0], 1).to(layer.weight)
+            merged.weight.copy_(new_w.unsqueeze(-1))
+            merged.bias.copy_(new_b)
+            self.res_skip_layers[i] = merged
         last = self.res_skip_layers[-1]
         last.bias[-end_w.shape[0]:] += total_skip_bias.to(last.bias)
         self.end = nn.Identity()

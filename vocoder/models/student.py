@@ -43,7 +43,7 @@ def frames_to_samples(upsampler: MelUpsampler, frames: int, device: torch.device
     """
     hop = upsampler.hop_length
     c = torch.eye(frames, device=device, dtype=dtype)[None, None]
-    for scale, smoother in zip(upsampler.scales, upsampler.smoothers):
+    for scale, smoother in zip(upsampler.scales, upsampler.smoothers, strict=True):
         c = smoother(c.repeat_interleave(scale, dim=-1))
     matrix = c[0, 0]
     support = matrix.nonzero()
@@ -235,7 +235,7 @@ class Student(Vocoder):
         super().__init__(n_mels, hop_length)
         flow_layers = [int(n) for n in flow_layers]
         if not flow_layers or min(flow_layers) < 1:
-            raise ValueError(f"flow_layers must list at least one positive depth, got {flow_layers}")
+            raise ValueError(f"flow_layers must list positive depths, got {flow_layers}")
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
         self.flows = nn.ModuleList(
@@ -279,8 +279,9 @@ class Student(Vocoder):
         return self.upsampler(mel)
 
     def _flow_step(self, h: Tensor, mu_tot: Tensor, log_sigma_tot: Tensor, z: Tensor,
-                   out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Fold one flow's ``out [B, T, 2]`` or ``[B, 2, T]`` halves into the totals."""
+                   out: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Fold one flow's ``(mu, log_sigma)`` (each ``[B, T]``, log sigma not yet floored)
+        into the totals; returns ``(z^k, mu_tot, log_sigma_tot)``."""
         mu, log_sigma = out
         log_sigma = torch.clamp(log_sigma, min=self.log_sigma_min)
         mu_tot = torch.addcmul(mu, mu_tot, torch.exp(log_sigma))
@@ -313,15 +314,23 @@ class Student(Vocoder):
         return self._lean[1]
 
     @torch.inference_mode()
-    def sample(self, z: Tensor, mel: Tensor) -> Tensor:
-        """``x [B, T]`` for noise ``z [B, T]`` and ``mel [B, n_mels, T // hop]``: the ``x`` of
-        :meth:`forward` (up to rounding), computed by the lean inference path."""
+    def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0) -> Tensor:
+        """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]`` in one parallel pass.
+
+        ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
+        deterministic), scaled by the temperature ``sigma``. The result is :meth:`forward`'s
+        ``x`` up to rounding, computed by the lean inference path (:class:`LeanFlow`).
+        """
         weight = self.flows[0].input.weight
-        z, mel = z.to(weight), mel.to(weight)
-        if mel.dim() != 3 or mel.shape[1] != self.n_mels or z.shape != (
-                mel.shape[0], mel.shape[-1] * self.hop_length):
-            raise ValueError(f"need mel [B, {self.n_mels}, F] and z [B, F * {self.hop_length}], "
-                             f"got {tuple(mel.shape)} and {tuple(z.shape)}")
+        mel = mel.to(weight)
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"mel must be [B, {self.n_mels}, F], got {tuple(mel.shape)}")
+        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
+        if z is None:
+            z = torch.randn(shape, device=mel.device, dtype=mel.dtype)
+        elif tuple(z.shape) != shape:
+            raise ValueError(f"z must be {list(shape)} for this mel, got {list(z.shape)}")
+        z = z.to(weight) * sigma
         flows = self._lean_flows(weight.device, weight.dtype)
         work = LeanWork(self, flows, mel)
         mu_tot = torch.zeros_like(z)
@@ -331,11 +340,6 @@ class Student(Vocoder):
             h, mu_tot, log_sigma_tot = self._flow_step(h, mu_tot, log_sigma_tot, z,
                                                        flow(h, work).unbind(-1))
         return h
-
-    def noise(self, mel: Tensor, sigma: float = 1.0) -> Tensor:
-        """Draw ``z ~ N(0, sigma^2)`` of shape ``[B, F * hop]`` for ``mel [B, n_mels, F]``."""
-        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
-        return torch.randn(shape, device=mel.device, dtype=mel.dtype) * sigma
 
     def log_prob_of_sample(self, z: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
         """The sample ``x [B, T]`` that noise ``z [B, T]`` maps to, and its exact log-density
@@ -350,15 +354,12 @@ class Student(Vocoder):
         raise VocoderError("the student is trained by distillation from a teacher "
                            "(vocoder.distill.DistillationObjective, vocoder-distill)")
 
-    @torch.inference_mode()
     def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` in one parallel pass;
         ``z ~ N(0, sigma^2)`` with ``sigma`` defaulting to 1.0."""
-        mel = mel.to(self.flows[0].input.weight)
-        return self.sample(self.noise(mel, 1.0 if sigma is None else sigma), mel)
+        return self.sample(mel, sigma=1.0 if sigma is None else sigma)
 
     def prepare_for_inference(self) -> Student:
         for flow in self.flows:
             flow.remove_weight_norm()
-        self._lean = None
         return self
