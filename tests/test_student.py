@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vocoder.models import build_model
-from vocoder.models.student import Student
+from vocoder.models.student import Student, _stretch, frames_to_samples
 
 N_MELS, HOP = 6, 16
 
@@ -78,8 +78,8 @@ def test_log_prob_of_sample_is_the_change_of_variables_density():
     torch.testing.assert_close(x, model(z, mel)[0])
 
 
-@pytest.mark.parametrize("batch,frames,scales", [(1, 1, None), (1, 5, None), (3, 4, [4, 4]),
-                                                 (2, 3, [2, 8])])
+@pytest.mark.parametrize("batch,frames,scales", [(1, 1, None), (1, 5, None), (1, 13, None),
+                                                 (3, 4, [4, 4]), (2, 11, [2, 8])])
 def test_lean_sampling_equals_the_module_forward(batch, frames, scales):
     model = _student(upsample_scales=scales).eval()
     z, mel = _inputs(batch, frames)
@@ -87,6 +87,23 @@ def test_lean_sampling_equals_the_module_forward(batch, frames, scales):
     torch.testing.assert_close(x, model(z, mel)[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(model.sample(mel, z=z, sigma=0.5), model(0.5 * z, mel)[0],
                                rtol=0, atol=1e-12)
+
+
+def test_polyphase_weights_are_the_upsampler_on_the_identity():
+    model = _student()
+    frames = 17
+    bands, reach = frames_to_samples(model.upsampler, frames, "cpu", torch.float64)
+    eye = torch.eye(frames, dtype=torch.float64)[None, None]
+    matrix = _stretch(model.upsampler, eye)[0, 0]
+    rebuilt = torch.zeros_like(matrix)
+    for i in range(frames):
+        for j in range(2 * reach + 1):
+            if 0 <= i + j - reach < frames:
+                rebuilt[i + j - reach, i * HOP:(i + 1) * HOP] = bands[i, :, j]
+    torch.testing.assert_close(rebuilt, matrix, rtol=0, atol=1e-14)
+    mel = torch.randn(1, N_MELS, frames, dtype=torch.float64)
+    features = model.upsampler.frame_conv(mel)
+    torch.testing.assert_close(features @ matrix, model.upsampler(mel))
 
 
 def test_lean_weights_follow_weight_updates():

@@ -63,7 +63,9 @@ def check_mel(mel: np.ndarray, path: Path, features) -> np.ndarray:
         raise InputError(path, f"mel values span [{lo:.1f}, {hi:.1f}], outside the natural-log "
                                f"range [{floor:.1f}, ~3] of this checkpoint (a dB-scaled mel? "
                                f"convert with mel_db * ln(10) / 20)")
-    if lo >= floor / math.log(10) - 0.05 and hi < 2.0 and lo > -5.1 and lo < -4.0:
+    # A log10 mel clamped at the same floor bottoms out at exactly log10(floor) = -5.
+    log10_floor = floor / math.log(10)
+    if abs(lo - log10_floor) < 0.02 and float((mel <= lo + 0.02).mean()) > 0.005:
         raise InputError(path, f"mel values span [{lo:.1f}, {hi:.1f}], which looks like a log10 "
                                f"mel; this checkpoint takes natural-log mels: multiply by "
                                f"ln(10) = 2.3026")

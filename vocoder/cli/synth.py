@@ -50,7 +50,9 @@ def main(cfg) -> None:
     if float(cfg.denoise) > 0:
         if model.kind != "waveglow":
             raise VocoderError(f"denoise applies to WaveGlow checkpoints only, not a {model.kind}")
-        denoiser = model.make_denoiser(features)
+        from vocoder.denoiser import Denoiser
+
+        denoiser = Denoiser(model, silence_level=features.silence_level())
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))

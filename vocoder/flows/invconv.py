@@ -11,7 +11,7 @@ Two parameterisations share one interface:
 ``forward(x [B, C, T]) -> (y, log_det [B])`` with ``log_det = T * log|det W|`` (nats), and
 ``inverse(y) -> x``. The inverse matrix is computed in float64, cast to the input's dtype and
 cached; the cache is keyed on the parameters' version counters and storage, so an optimiser
-step, ``load_state_dict`` or ``.to()`` invalidates it, and ``train()`` drops it.
+step, ``load_state_dict`` or ``.to()`` invalidates it, and ``train(True)`` drops it.
 """
 
 from __future__ import annotations

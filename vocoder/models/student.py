@@ -30,28 +30,44 @@ from vocoder.models.teacher import LOG_2PI
 from vocoder.nn.wavenet import SQRT_HALF, MelUpsampler, WaveNetStack
 
 
+def _stretch(upsampler: MelUpsampler, frames: Tensor) -> Tensor:
+    """``MelUpsampler.forward`` after its first convolution, on ``[1, 1, C, F]``."""
+    for scale, smoother in zip(upsampler.scales, upsampler.smoothers, strict=True):
+        frames = smoother(frames.repeat_interleave(scale, dim=-1))
+    return frames
+
+
 def frames_to_samples(upsampler: MelUpsampler, frames: int, device: torch.device,
                       dtype: torch.dtype) -> tuple[Tensor, int]:
     """The upsampler's stretching and smoothing as a banded matrix, in polyphase form.
 
     After its first convolution :class:`~vocoder.nn.wavenet.MelUpsampler` is linear in time
     and treats every channel alike, so it maps frames to samples by one matrix ``M [F, F * hop]``
-    (edges included: replicate padding is linear too), found by upsampling the identity.
-    Sample ``i * hop + p`` reads only frames ``i - J .. i + J``. Returns ``(A, J)`` with
+    (replicate padding at the edges is linear too): upsampling the identity gives it. Sample
+    ``i * hop + p`` reads only frames ``i - J .. i + J``. Returns ``(A, J)`` with
     ``A [F, hop, 2J + 1]``, ``A[i, p, j] = M[i + j - J, i * hop + p]`` (zero outside the
     utterance). Any per-frame projection ``W`` commutes with it: ``W up(c) = up(W c)``.
+
+    Only frames within ``E`` of either end see the edge padding (``E`` bounds how far the
+    smoothing reaches); every frame between has the same weights. So ``M`` is computed for
+    ``2E + 1`` frames at most, and the middle frame's weights are repeated.
     """
-    hop = upsampler.hop_length
-    c = torch.eye(frames, device=device, dtype=dtype)[None, None]
+    hop, rate, reach_samples = upsampler.hop_length, 1, 0.0
     for scale, smoother in zip(upsampler.scales, upsampler.smoothers, strict=True):
-        c = smoother(c.repeat_interleave(scale, dim=-1))
-    matrix = c[0, 0]
+        rate *= scale
+        reach_samples += (smoother.kernel_size[-1] // 2 + 1) * hop / rate
+    edge = math.ceil(reach_samples / hop) + 1
+    probe = min(frames, 2 * edge + 1)
+    matrix = _stretch(upsampler, torch.eye(probe, device=device, dtype=dtype)[None, None])[0, 0]
     support = matrix.nonzero()
     reach = int((support[:, 0] - support[:, 1] // hop).abs().max()) if len(support) else 0
     padded = F.pad(matrix, (0, 0, reach, reach))
-    bands = [padded[j:j + frames].view(frames, frames, hop).diagonal(dim1=0, dim2=1).t()
-             for j in range(2 * reach + 1)]
-    return torch.stack(bands, dim=-1), reach
+    bands = torch.stack([padded[j:j + probe].view(probe, probe, hop).diagonal(dim1=0, dim2=1).t()
+                         for j in range(2 * reach + 1)], dim=-1)
+    if probe < frames:
+        middle = bands[edge:edge + 1].expand(frames - 2 * edge, -1, -1)
+        bands = torch.cat([bands[:edge], middle, bands[edge + 1:]])
+    return bands, reach
 
 
 class LeanFlow:
@@ -199,7 +215,9 @@ class LeanWork:
                                  dtype=dtype)
         self.gated[:, -1] = 1.0
         self.skip = torch.empty(computed, skip, device=device, dtype=dtype)
-        self.hidden = torch.empty_like(self.skip)
+        # The head's hidden layer runs after the last gate: it may reuse the gate's memory.
+        self.hidden = (self.gate.view(-1)[:computed * skip].view(computed, skip)
+                       if stack.gate_channels >= skip else torch.empty_like(self.skip))
         self.out = torch.empty(rows, 2, device=device, dtype=dtype)
 
 

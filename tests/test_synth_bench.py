@@ -1,0 +1,131 @@
+"""vocoder-synth and vocoder-bench on tiny checkpoints of every kind."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from vocoder.features import MelFrontEnd
+from vocoder.models import KINDS, build_model, load_model
+from vocoder.synthesis import check_mel, synthesize_long
+from vocoder.training.checkpoint import make_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "teacher": {"n_layers": 2, "cycle_length": 2, "residual_channels": 4, "gate_channels": 8,
+                "skip_channels": 4, "kernel_size": 2, "cond_channels": 4},
+    "student": {"flow_layers": [2, 2], "residual_channels": 4, "gate_channels": 8,
+                "skip_channels": 4, "kernel_size": 2, "cond_channels": 4},
+    "waveglow": {"n_flows": 2, "n_group": 4, "n_early_every": 1, "n_early_size": 2,
+                 "n_layers": 2, "n_channels": 4},
+}
+
+
+def _checkpoint(kind, path, perturb=False):
+    fe = MelFrontEnd.from_preset("tacotron2")
+    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    if perturb:  # move zero-initialised output layers away from the identity
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(make_checkpoint(model, fe.config.to_dict()), path)
+    return path
+
+
+def _run(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_model_synthesizes_frames_times_hop(kind, tmp_path):
+    model = load_model(_checkpoint(kind, tmp_path / f"{kind}.pt"))
+    assert model.kind == kind and not model.training
+    mel = torch.full((2, 80, 5), -6.0)
+    with torch.no_grad():
+        audio = model.synthesize(mel)
+    assert audio.shape == (2, 5 * 256) and torch.isfinite(audio).all()
+
+
+@pytest.mark.parametrize("kind", ["student", "waveglow"])
+def test_chunked_synthesis_matches_whole_away_from_seams(kind, tmp_path):
+    """At sigma 0 the parallel models are deterministic; chunks that see enough context agree
+    with the whole-utterance pass outside the cross-faded seams."""
+    model = load_model(_checkpoint(kind, tmp_path / f"{kind}.pt", perturb=True))
+    mel = torch.randn(1, 80, 40) - 5.0
+    whole = synthesize_long(model, mel, sigma=0.0, chunk_frames=0)
+    chunked = synthesize_long(model, mel, sigma=0.0, chunk_frames=16, overlap_frames=4)
+    assert chunked.shape == whole.shape == (1, 40 * 256)
+    assert whole.abs().max() > 1e-3  # not trivially zero
+    away = torch.ones(40 * 256, dtype=torch.bool)
+    for boundary in (13, 27):  # 3 equal chunks of 40 frames
+        away[(boundary - 4) * 256:(boundary + 4) * 256] = False
+    torch.testing.assert_close(chunked[0, away], whole[0, away], atol=1e-4, rtol=1e-4)
+    # inside the seams the cross-fade of two near-identical pieces stays close too
+    assert (chunked - whole).abs().max() < 0.25 * whole.abs().max()
+
+
+def test_synth_cli_mels_and_audio_with_bad_inputs(tmp_path):
+    ckpt = _checkpoint("waveglow", tmp_path / "wg.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    fe = MelFrontEnd.from_preset("tacotron2")
+    t = np.arange(4000) / 22050
+    wav = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    sf.write(inputs / "speech.wav", wav, 22050)
+    np.save(inputs / "good.npy", fe(torch.from_numpy(wav)).numpy())
+    np.save(inputs / "bands.npy", np.zeros((64, 10), np.float32) - 5)
+    np.save(inputs / "log10.npy", fe(torch.from_numpy(wav)).numpy() / np.log(10))
+    (inputs / "broken.wav").write_bytes(b"RIFFjunk")
+    out = tmp_path / "out"
+    proc = _run("vocoder.cli.synth", f"checkpoint={ckpt}", f"input={inputs}", f"output={out}",
+                "progress=false")
+    assert proc.returncode == 1  # some inputs failed
+    assert sorted(p.name for p in out.iterdir()) == ["good.wav", "speech.wav"]
+    frames = fe.num_frames(4000)
+    for name in ("good.wav", "speech.wav"):
+        data, sr = sf.read(out / name, dtype="int16")
+        assert sr == 22050 and len(data) == frames * 256
+        assert sf.info(out / name).subtype == "PCM_16"
+    err = proc.stderr
+    assert "bands.npy: mel has 64 bands" in err
+    assert "log10.npy" in err and "log10" in err
+    assert "broken.wav" in err and "Traceback" not in err
+    assert "RTF" in proc.stdout
+
+
+def test_check_mel_explains_layout_and_scale():
+    fe = MelFrontEnd.from_preset("tacotron2")
+    with pytest.raises(Exception, match=r"\[frames, n_mels\]"):
+        check_mel(np.zeros((30, 80), np.float32) - 5, Path("t.npy"), fe)
+    with pytest.raises(Exception, match="dB"):
+        check_mel(np.full((80, 30), -100.0, np.float32), Path("db.npy"), fe)
+    normalised = np.random.default_rng(0).standard_normal((80, 200)).astype(np.float32)
+    with pytest.raises(Exception, match="normalised"):
+        check_mel(normalised, Path("n.npy"), fe)
+    real = fe(torch.randn(8000) * 0.1).numpy()
+    assert check_mel(real, Path("ok.npy"), fe).shape == real.shape
+
+
+def test_bench_cli_writes_json_table_and_chart(tmp_path):
+    ckpts = {k: _checkpoint(k, tmp_path / f"{k}.pt") for k in KINDS}
+    out = tmp_path / "bench"
+    proc = _run("vocoder.cli.bench", f"output={out}", "device=cpu", "seconds=0.1",
+                "teacher_seconds=0.02", "repeats=2", *(f"{k}={v}" for k, v in ckpts.items()))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["model"] for r in data["rows"]] == ["teacher", "student", "waveglow"]
+    for r in data["rows"]:
+        for key in ("samples_per_s", "real_time_factor", "peak_memory_mb", "parameters",
+                    "macs_per_sample", "batch", "audio_seconds"):
+            assert np.isfinite(r[key]) and r[key] > 0, key
+        assert len(r["times_s"]) == 2
+    assert set(data["ratios"]) == {"student_over_teacher", "student_over_waveglow"}
+    assert data["environment"]["threads"] >= 1 and data["environment"]["torch"]
+    assert "| teacher |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 1000
