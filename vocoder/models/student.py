@@ -296,7 +296,7 @@ class Student(Vocoder):
                              f"(hop {self.hop_length}), got {mel.shape[-1]}")
         return self.upsampler(mel)
 
-    def _flow_step(self, h: Tensor, mu_tot: Tensor, log_sigma_tot: Tensor, z: Tensor,
+    def _flow_step(self, mu_tot: Tensor, log_sigma_tot: Tensor, z: Tensor,
                    out: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Fold one flow's ``(mu, log_sigma)`` (each ``[B, T]``, log sigma not yet floored)
         into the totals; returns ``(z^k, mu_tot, log_sigma_tot)``."""
@@ -320,7 +320,7 @@ class Student(Vocoder):
         h = z
         for flow in self.flows:
             out = flow(F.pad(h, (1, -1)).unsqueeze(1), cond).to(z.dtype)
-            h, mu_tot, log_sigma_tot = self._flow_step(h, mu_tot, log_sigma_tot, z,
+            h, mu_tot, log_sigma_tot = self._flow_step(mu_tot, log_sigma_tot, z,
                                                        out.unbind(1))
         return h, mu_tot, log_sigma_tot
 
@@ -355,7 +355,7 @@ class Student(Vocoder):
         log_sigma_tot = torch.zeros_like(z)
         h = z
         for flow in flows:
-            h, mu_tot, log_sigma_tot = self._flow_step(h, mu_tot, log_sigma_tot, z,
+            h, mu_tot, log_sigma_tot = self._flow_step(mu_tot, log_sigma_tot, z,
                                                        flow(h, work).unbind(-1))
         return h
 
