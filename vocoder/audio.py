@@ -7,13 +7,13 @@ down-mixes and resamples (torchaudio's windowed-sinc resampler) and reports doin
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from vocoder.atomic import atomic_path
 from vocoder.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -79,16 +79,8 @@ def write_wav(path: str | os.PathLike, audio, sample_rate: int) -> None:
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
     pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def list_audio_files(root: str | os.PathLike) -> list[Path]:

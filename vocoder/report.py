@@ -13,7 +13,6 @@ import html
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
+from vocoder.atomic import write_text_atomic
 from vocoder.audio import AUDIO_EXTENSIONS, load_audio
 from vocoder.errors import VocoderError
 from vocoder.features import MelFrontEnd
@@ -45,21 +45,6 @@ audio { width: 260px; }
 img.mel { width: 260px; display: block; }
 .missing { color: #a00; }
 """
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def format_metric(value) -> str:

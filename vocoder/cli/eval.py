@@ -181,11 +181,12 @@ def markdown(result: dict) -> str:
 def evaluate(cfg) -> dict:
     from omegaconf import OmegaConf
 
+    from vocoder.atomic import write_text_atomic
     from vocoder.audio import load_audio, write_wav
     from vocoder.losses import MultiResolutionSTFTLoss
     from vocoder.metrics import copy_synthesis_metrics
     from vocoder.models import load_model
-    from vocoder.report import format_metric, write_html_report, write_text_atomic
+    from vocoder.report import format_metric, write_html_report
 
     for key in ("checkpoint", "input", "output"):
         if OmegaConf.is_missing(cfg, key) or cfg[key] is None:

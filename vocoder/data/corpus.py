@@ -19,7 +19,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vocoder.atomic import save_npy_atomic, write_text_atomic
 from vocoder.audio import list_audio_files, load_audio
 from vocoder.errors import InputError, VocoderError
 from vocoder.features import MelFrontEnd
@@ -145,14 +145,6 @@ def discover(data_cfg) -> list[Source]:
     raise VocoderError(f"unknown data.name {kind!r} (demo, folder or ljspeech)")
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def _leave_out_short(corpus: PreparedCorpus, min_samples: int, data_cfg, log) -> PreparedCorpus:
     """The cache keeps every usable file; utterances shorter than one training segment of
     this run are reported and left out of the returned view."""
@@ -240,10 +232,10 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
         pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
         if not (audio_path.exists() and mel_path.exists()):
             mel = features(torch.from_numpy(pcm.astype(np.float32) / 32768.0)).numpy()
-            _save_npy_atomic(mel_path, mel.astype(np.float32))
-            _save_npy_atomic(audio_path, pcm)
+            save_npy_atomic(mel_path, mel.astype(np.float32))
+            save_npy_atomic(audio_path, pcm)
             if f0 is not None:
-                _save_npy_atomic(root / "f0" / f"{src.name}.npy", f0.astype(np.float32))
+                save_npy_atomic(root / "f0" / f"{src.name}.npy", f0.astype(np.float32))
         entries.append({
             "name": src.name, "split": src.split, "samples": int(len(pcm)),
             "frames": int(features.num_frames(len(pcm))),
@@ -259,8 +251,5 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
         "skipped": skipped,
         "hours": sum(e["samples"] for e in entries) / sr / 3600,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=root)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, root / MANIFEST)
+    write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
     return _leave_out_short(PreparedCorpus(root, manifest), min_samples, data_cfg, log)

@@ -21,10 +21,11 @@ It is loaded with ``torch.load(weights_only=True)``: a checkpoint never runs cod
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from vocoder.atomic import atomic_path
 
 FORMAT = "flow-vocoder"
 CHECKPOINT_VERSION = 1
@@ -35,31 +36,9 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` via a temporary file in the same folder, fsync, rename.
-
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """Write ``obj`` to ``path`` atomically and durably (temp file, fsync, rename)."""
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def make_checkpoint(model, features: dict, **fields) -> dict:
