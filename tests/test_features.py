@@ -10,11 +10,25 @@ def _librosa_reference(audio: np.ndarray, preset: str) -> np.ndarray:
     c = PRESETS[preset]
     if not c.center:
         audio = np.pad(audio, (c.pad, c.pad), mode="reflect")
-    spec = librosa.stft(audio, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
-                        window="hann", center=c.center, pad_mode="reflect")
+    spec = librosa.stft(
+        audio,
+        n_fft=c.n_fft,
+        hop_length=c.hop_length,
+        win_length=c.win_length,
+        window="hann",
+        center=c.center,
+        pad_mode="reflect",
+    )
     mag = np.sqrt(np.abs(spec) ** 2 + c.magnitude_eps)
-    basis = librosa.filters.mel(sr=c.sample_rate, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin,
-                                fmax=c.fmax, htk=False, norm="slaney")
+    basis = librosa.filters.mel(
+        sr=c.sample_rate,
+        n_fft=c.n_fft,
+        n_mels=c.n_mels,
+        fmin=c.fmin,
+        fmax=c.fmax,
+        htk=False,
+        norm="slaney",
+    )
     return np.log(np.clip(basis @ mag, c.log_floor, None))
 
 
@@ -22,7 +36,9 @@ def _librosa_reference(audio: np.ndarray, preset: str) -> np.ndarray:
 def test_matches_librosa_reference(preset):
     rng = np.random.default_rng(0)
     t = np.arange(12345) / PRESETS[preset].sample_rate
-    audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
     audio[:2000] *= 1e-4  # near-silence exercises the log floor
     fe = MelFrontEnd.from_preset(preset)
     ours = fe(torch.from_numpy(audio)).numpy()

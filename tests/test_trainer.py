@@ -24,11 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(run_dir, cache_dir, *overrides):
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose("config", overrides=[
-            "experiment=debug", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}",
-            "data.n_utterances=8", "trainer.device=cpu", "trainer.log_every=1",
-            *overrides,
-        ])
+        return compose(
+            "config",
+            overrides=[
+                "experiment=debug",
+                f"run_dir={run_dir}",
+                f"data.cache_dir={cache_dir}",
+                "data.n_utterances=8",
+                "trainer.device=cpu",
+                "trainer.log_every=1",
+                *overrides,
+            ],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,9 @@ def _trainer(run_dir, cache_dir, *overrides, make_objective=TrainingLoss):
     corpus = prepare_corpus(cfg.data, fe, cache_dir, 8 * 256, log=lambda s: None, progress=False)
     seed_everything(int(cfg.seed))
     model = build_model("teacher", fe.n_mels, fe.hop_length, dict(cfg.arch.teacher))
-    return Trainer(cfg, model, corpus, fe.config.to_dict(), make_objective=make_objective,
-                   log=lambda s: None)
+    return Trainer(
+        cfg, model, corpus, fe.config.to_dict(), make_objective=make_objective, log=lambda s: None
+    )
 
 
 def _losses(run_dir):
@@ -55,8 +63,12 @@ def _losses(run_dir):
 
 
 def test_resume_equals_uninterrupted(tmp_path, cache_dir):
-    common = ("trainer.schedule=constant", "trainer.warmup_steps=3", "trainer.val_every=100",
-              "trainer.ckpt_every=100")
+    common = (
+        "trainer.schedule=constant",
+        "trainer.warmup_steps=3",
+        "trainer.val_every=100",
+        "trainer.ckpt_every=100",
+    )
     one_go = _trainer(tmp_path / "a", cache_dir, "trainer.max_steps=6", *common)
     one_go.fit()
     first = _trainer(tmp_path / "b", cache_dir, "trainer.max_steps=3", *common)
@@ -69,15 +81,23 @@ def test_resume_equals_uninterrupted(tmp_path, cache_dir):
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-6)
-    for (k, a), b in zip(one_go.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (k, a), b in zip(
+        one_go.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
-    for a, b in zip(one_go.ema_model.parameters(), resumed.ema_model.parameters()):
+    for a, b in zip(one_go.ema_model.parameters(), resumed.ema_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_rotation_best_and_contents(tmp_path, cache_dir):
-    t = _trainer(tmp_path, cache_dir, "trainer.max_steps=8", "trainer.ckpt_every=2",
-                 "trainer.keep_last=2", "trainer.val_every=4")
+    t = _trainer(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=8",
+        "trainer.ckpt_every=2",
+        "trainer.keep_last=2",
+        "trainer.val_every=4",
+    )
     metrics = t.fit()
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
     assert ckpts == ["best.pt", "last.pt", "step_00000006.pt", "step_00000008.pt"]
@@ -127,15 +147,26 @@ class _PoisonedLoss(TrainingLoss):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache_dir):
-    t = _trainer(tmp_path / "skip", cache_dir, "trainer.max_steps=4", "trainer.val_every=100",
-                 make_objective=lambda m: _PoisonedLoss(m, poison={2}))
+    t = _trainer(
+        tmp_path / "skip",
+        cache_dir,
+        "trainer.max_steps=4",
+        "trainer.val_every=100",
+        make_objective=lambda m: _PoisonedLoss(m, poison={2}),
+    )
     t.fit()
     assert t.step == 4 and t.nonfinite_total == 1
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
-    t = _trainer(tmp_path / "stop", cache_dir, "trainer.max_steps=50", "trainer.max_nonfinite=3",
-                 "trainer.ckpt_every=2", "trainer.val_every=100",
-                 make_objective=lambda m: _PoisonedLoss(m, poison=set(range(3, 100))))
+    t = _trainer(
+        tmp_path / "stop",
+        cache_dir,
+        "trainer.max_steps=50",
+        "trainer.max_nonfinite=3",
+        "trainer.ckpt_every=2",
+        "trainer.val_every=100",
+        make_objective=lambda m: _PoisonedLoss(m, poison=set(range(3, 100))),
+    )
     with pytest.raises(NonFiniteError, match="learning rate"):
         t.fit()
     ckpt = load_checkpoint(tmp_path / "stop/checkpoints/last.pt")
@@ -144,9 +175,18 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache_dir):
 
 
 def _train_cmd(run_dir, cache_dir, *extra):
-    return [sys.executable, "-m", "vocoder.cli.train", "model=teacher", "experiment=debug",
-            f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "data.n_utterances=8",
-            "trainer.device=cpu", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vocoder.cli.train",
+        "model=teacher",
+        "experiment=debug",
+        f"run_dir={run_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.n_utterances=8",
+        "trainer.device=cpu",
+        *extra,
+    ]
 
 
 def _wait_for(path, proc, timeout=120):
@@ -159,10 +199,16 @@ def _wait_for(path, proc, timeout=120):
 
 def test_sigterm_saves_and_sigkill_leaves_a_loadable_checkpoint(tmp_path, cache_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = _train_cmd(tmp_path, cache_dir, "trainer.max_steps=100000", "trainer.ckpt_every=5",
-                     "trainer.val_every=100000")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO)
+    cmd = _train_cmd(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=100000",
+        "trainer.ckpt_every=5",
+        "trainer.val_every=100000",
+    )
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
     _wait_for(tmp_path / "checkpoints/last.pt", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -172,17 +218,28 @@ def test_sigterm_saves_and_sigkill_leaves_a_loadable_checkpoint(tmp_path, cache_
 
     # kill -9 at an arbitrary moment: the last complete checkpoint still loads, and the same
     # command resumes from it.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
     next_save = (step // 5 + 1) * 5
     _wait_for(tmp_path / f"checkpoints/step_{next_save:08d}.pt", proc)
     proc.kill()
     proc.communicate()
     killed_at = load_checkpoint(tmp_path / "checkpoints/last.pt")["step"]
     assert killed_at >= next_save
-    done = subprocess.run(_train_cmd(tmp_path, cache_dir, f"trainer.max_steps={killed_at + 2}",
-                                     "trainer.ckpt_every=5", "trainer.val_every=100000"),
-                          capture_output=True, text=True, env=env, cwd=REPO)
+    done = subprocess.run(
+        _train_cmd(
+            tmp_path,
+            cache_dir,
+            f"trainer.max_steps={killed_at + 2}",
+            "trainer.ckpt_every=5",
+            "trainer.val_every=100000",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     assert f"resumed from {tmp_path / 'checkpoints/last.pt'} at step {killed_at}" in done.stdout
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == killed_at + 2
@@ -212,9 +269,23 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path, cache_dir):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script), str(tmp_path), str(cache_dir)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(script),
+            str(tmp_path),
+            str(cache_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

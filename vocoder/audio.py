@@ -86,4 +86,6 @@ def write_wav(path: str | os.PathLike, audio, sample_rate: int) -> None:
 def list_audio_files(root: str | os.PathLike) -> list[Path]:
     """Every .wav/.flac below ``root``, sorted (deterministic order)."""
     root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+    )

@@ -51,9 +51,18 @@ def time_synthesis(model, mel: torch.Tensor, repeats: int = 5, warmup: int = 1) 
     return times
 
 
-def benchmark_model(name: str, model, device: torch.device, dtype: str, batch: int,
-                    seconds: float, sample_rate: int, repeats: int = 5, warmup: int = 1,
-                    compile_model: bool = False) -> dict:
+def benchmark_model(
+    name: str,
+    model,
+    device: torch.device,
+    dtype: str,
+    batch: int,
+    seconds: float,
+    sample_rate: int,
+    repeats: int = 5,
+    warmup: int = 1,
+    compile_model: bool = False,
+) -> dict:
     """Time one model; returns a row of ``bench.json``."""
     hop, n_mels = model.hop_length, model.n_mels
     frames = max(2, int(round(seconds * sample_rate / hop)))
@@ -72,8 +81,7 @@ def benchmark_model(name: str, model, device: torch.device, dtype: str, batch: i
     times = time_synthesis(runner, mel, repeats=repeats, warmup=warmup)
     median = statistics.median(times)
     samples = batch * frames * hop
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else _peak_rss_bytes())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
     return {
         "model": name,
         "kind": model.kind,
@@ -132,7 +140,8 @@ def environment(device: torch.device) -> dict:
 
 def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
     lines = [
-        "| model | device | dtype | batch | audio s | samples/s | RTF | peak MB | params (M) | MACs/sample |",
+        "| model | device | dtype | batch | audio s | samples/s | RTF | peak MB | params (M) "
+        "| MACs/sample |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -146,8 +155,10 @@ def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
     for k, v in ratios.items():
         lines.append(f"- {k.replace('_', ' ')}: {v:,.1f}x")
     lines.append("")
-    lines.append(f"- machine: {env.get('gpu', env.get('cpu'))}, {env['threads']} thread(s); "
-                 f"torch {env['torch']}, python {env['python']}")
+    lines.append(
+        f"- machine: {env.get('gpu', env.get('cpu'))}, {env['threads']} thread(s); "
+        f"torch {env['torch']}, python {env['python']}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +175,7 @@ def bar_chart(rows: list[dict], path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("samples / s (log)")
     ax.set_title(f"synthesis speed on {rows[0]['device']}")
-    for b, v in zip(bars, values):
+    for b, v in zip(bars, values, strict=True):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

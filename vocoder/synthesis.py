@@ -30,8 +30,11 @@ def list_inputs(path: str | Path) -> list[Path]:
     """A single file, or every .npy/.wav/.flac in a folder (not recursive), sorted."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in MEL_EXTENSIONS + AUDIO_EXTENSIONS)
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in MEL_EXTENSIONS + AUDIO_EXTENSIONS
+        )
         if not files:
             raise VocoderError(f"{path}: no .npy, .wav or .flac files in this folder")
         return files
@@ -49,10 +52,16 @@ def check_mel(mel: np.ndarray, path: Path, features) -> np.ndarray:
     n_mels = features.n_mels
     if mel.shape[0] != n_mels:
         if mel.shape[1] == n_mels:
-            raise InputError(path, f"mel is [frames, n_mels] = {tuple(mel.shape)}; save it "
-                                   f"transposed as [n_mels, frames] = [{n_mels}, {mel.shape[0]}]")
-        raise InputError(path, f"mel has {mel.shape[0]} bands but the checkpoint's preset "
-                               f"{features.config.name!r} has {n_mels}")
+            raise InputError(
+                path,
+                f"mel is [frames, n_mels] = {tuple(mel.shape)}; save it "
+                f"transposed as [n_mels, frames] = [{n_mels}, {mel.shape[0]}]",
+            )
+        raise InputError(
+            path,
+            f"mel has {mel.shape[0]} bands but the checkpoint's preset "
+            f"{features.config.name!r} has {n_mels}",
+        )
     if mel.shape[1] < 1:
         raise InputError(path, "mel has no frames")
     if not np.isfinite(mel).all():
@@ -60,19 +69,28 @@ def check_mel(mel: np.ndarray, path: Path, features) -> np.ndarray:
     floor = math.log(features.log_floor)  # ln(1e-5) = -11.51 for the common presets
     lo, hi, mean = float(mel.min()), float(mel.max()), float(mel.mean())
     if lo < floor - 1.0 or hi > 8.0:
-        raise InputError(path, f"mel values span [{lo:.1f}, {hi:.1f}], outside the natural-log "
-                               f"range [{floor:.1f}, ~3] of this checkpoint (a dB-scaled mel? "
-                               f"convert with mel_db * ln(10) / 20)")
+        raise InputError(
+            path,
+            f"mel values span [{lo:.1f}, {hi:.1f}], outside the natural-log "
+            f"range [{floor:.1f}, ~3] of this checkpoint (a dB-scaled mel? "
+            f"convert with mel_db * ln(10) / 20)",
+        )
     # A log10 mel clamped at the same floor bottoms out at exactly log10(floor) = -5.
     log10_floor = floor / math.log(10)
     if abs(lo - log10_floor) < 0.02 and float((mel <= lo + 0.02).mean()) > 0.005:
-        raise InputError(path, f"mel values span [{lo:.1f}, {hi:.1f}], which looks like a log10 "
-                               f"mel; this checkpoint takes natural-log mels: multiply by "
-                               f"ln(10) = 2.3026")
+        raise InputError(
+            path,
+            f"mel values span [{lo:.1f}, {hi:.1f}], which looks like a log10 "
+            f"mel; this checkpoint takes natural-log mels: multiply by "
+            f"ln(10) = 2.3026",
+        )
     if abs(mean) < 0.5 and -6.0 < lo and hi < 6.0 and abs(float(mel.std()) - 1.0) < 0.3:
-        raise InputError(path, f"mel looks mean/variance normalised (mean {mean:.2f}, std "
-                               f"{float(mel.std()):.2f}); this checkpoint takes raw natural-log "
-                               f"mels: undo the normalisation first")
+        raise InputError(
+            path,
+            f"mel looks mean/variance normalised (mean {mean:.2f}, std "
+            f"{float(mel.std()):.2f}); this checkpoint takes raw natural-log "
+            f"mels: undo the normalisation first",
+        )
     return mel.astype(np.float32, copy=False)
 
 
@@ -82,7 +100,9 @@ def read_input(path: Path, features, log=print) -> SynthInput:
         try:
             mel = np.load(path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - corrupt files raise many types
-            raise InputError(path, f"cannot read .npy ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise InputError(
+                path, f"cannot read .npy ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
         if not np.issubdtype(mel.dtype, np.floating):
             raise InputError(path, f"mel must hold floats, got {mel.dtype}")
         return SynthInput(path, check_mel(mel, path, features))
@@ -103,8 +123,13 @@ def _fade(n: int, device, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def synthesize_long(model, mel: torch.Tensor, sigma: float | None = None,
-                    chunk_frames: int = 0, overlap_frames: int = 16) -> torch.Tensor:
+def synthesize_long(
+    model,
+    mel: torch.Tensor,
+    sigma: float | None = None,
+    chunk_frames: int = 0,
+    overlap_frames: int = 16,
+) -> torch.Tensor:
     """``mel [B, n_mels, F] -> audio [B, F * hop]``.
 
     With ``chunk_frames > 0`` and ``F > chunk_frames``, the mel is cut into chunks that overlap
@@ -123,7 +148,7 @@ def synthesize_long(model, mel: torch.Tensor, sigma: float | None = None,
     # Equal chunks of at least chunk_frames / 2 >= 2 * ov frames, so fades never overlap.
     n_chunks = math.ceil(frames / chunk_frames)
     bounds = [round(i * frames / n_chunks) for i in range(n_chunks + 1)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         lo, hi = max(start - ov, 0), min(end + ov, frames)
         piece = model.synthesize(mel[..., lo:hi], sigma=sigma).float()
         # The piece covers [lo, hi); its overlaps with the neighbours are cross-faded.
@@ -132,14 +157,14 @@ def synthesize_long(model, mel: torch.Tensor, sigma: float | None = None,
             weight[:fade_len] = fade_in
         if hi > end:
             weight[-fade_len:] = 1.0 - fade_in
-        out[:, lo * hop:hi * hop] += piece * weight
+        out[:, lo * hop : hi * hop] += piece * weight
     return out
 
 
 def batches_by_length(items: list, batch_size: int, length=lambda x: x.mel.shape[-1]):
     """Groups of up to ``batch_size`` items of similar length (longest first)."""
     order = sorted(items, key=length, reverse=True)
-    return [order[i:i + batch_size] for i in range(0, len(order), max(batch_size, 1))]
+    return [order[i : i + batch_size] for i in range(0, len(order), max(batch_size, 1))]
 
 
 def pad_mels(mels: list[np.ndarray], fill: float) -> torch.Tensor:

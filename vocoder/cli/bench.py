@@ -1,4 +1,5 @@
-"""``vocoder-bench output=DIR device=cpu|cuda [seconds=S] [teacher=CKPT student=CKPT waveglow=CKPT]``.
+"""``vocoder-bench output=DIR device=cpu|cuda [seconds=S] [teacher=CKPT student=CKPT
+waveglow=CKPT]``.
 
 Writes ``DIR/bench.json``, ``DIR/bench.md`` and ``DIR/bench.png``.
 """
@@ -53,13 +54,27 @@ def main(cfg) -> None:
         seconds = float(cfg.teacher_seconds) if name == "teacher" else float(cfg.seconds)
         for dtype in cfg.dtypes:
             for batch in cfg.batches:
-                row = benchmark_model(name, model, device, str(dtype), int(batch), seconds, sr,
-                                      repeats=int(cfg.repeats), warmup=int(cfg.warmup),
-                                      compile_model=bool(cfg.compile))
-                row["source"] = str(cfg[name]) if cfg.get(name) else f"random weights, {cfg.experiment} sizes"
+                row = benchmark_model(
+                    name,
+                    model,
+                    device,
+                    str(dtype),
+                    int(batch),
+                    seconds,
+                    sr,
+                    repeats=int(cfg.repeats),
+                    warmup=int(cfg.warmup),
+                    compile_model=bool(cfg.compile),
+                )
+                row["source"] = (
+                    str(cfg[name]) if cfg.get(name) else f"random weights, {cfg.experiment} sizes"
+                )
                 rows.append(row)
-                print(f"{name:9s} {dtype} batch {batch}: {row['samples_per_s']:,.0f} samples/s, "
-                      f"RTF {row['real_time_factor']:.4f}, {row['macs_per_sample'] / 1e3:,.1f} kMACs/sample")
+                print(
+                    f"{name:9s} {dtype} batch {batch}: {row['samples_per_s']:,.0f} samples/s, "
+                    f"RTF {row['real_time_factor']:.4f}, "
+                    f"{row['macs_per_sample'] / 1e3:,.1f} kMACs/sample"
+                )
         del model
     ratios = {}
     for a, b in (("student", "teacher"), ("student", "waveglow")):
@@ -68,8 +83,11 @@ def main(cfg) -> None:
             ratios[f"{a}_over_{b}"] = r
     env = environment(device)
     with open(out / "bench.json", "w") as f:
-        json.dump({"rows": rows, "ratios": ratios, "environment": env,
-                   "experiment": str(cfg.experiment)}, f, indent=1)
+        json.dump(
+            {"rows": rows, "ratios": ratios, "environment": env, "experiment": str(cfg.experiment)},
+            f,
+            indent=1,
+        )
     (out / "bench.md").write_text(markdown_table(rows, ratios, env))
     bar_chart(rows, out / "bench.png")
     print((out / "bench.md").read_text())

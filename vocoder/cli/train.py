@@ -16,7 +16,9 @@ def main(cfg) -> None:
 
     kind = str(cfg.model.kind)
     if kind == "student":
-        raise VocoderError("the student is trained by distillation: use vocoder-distill teacher=CKPT")
+        raise VocoderError(
+            "the student is trained by distillation: use vocoder-distill teacher=CKPT"
+        )
     cfg = apply_model_trainer_settings(cfg, kind)
     features = front_end(cfg)
     min_samples = int(cfg.trainer.segment_frames) * features.hop_length
@@ -26,9 +28,11 @@ def main(cfg) -> None:
     trainer = Trainer(cfg, model, corpus, features.config.to_dict())
     n_params = sum(p.numel() for p in model.parameters())
     if trainer.dist.is_main:
-        print(f"{kind}: {n_params / 1e6:.3f} M parameters, device {trainer.device}, "
-              f"{trainer.dist.world_size} process(es), global batch "
-              f"{int(cfg.trainer.batch_size) * trainer.dist.world_size}")
+        print(
+            f"{kind}: {n_params / 1e6:.3f} M parameters, device {trainer.device}, "
+            f"{trainer.dist.world_size} process(es), global batch "
+            f"{int(cfg.trainer.batch_size) * trainer.dist.world_size}"
+        )
     metrics = trainer.fit()
     if trainer.dist.is_main:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())

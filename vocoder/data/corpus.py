@@ -84,8 +84,10 @@ class PreparedCorpus:
             es = self.entries(split)
             hours = sum(e["samples"] for e in es) / m["features"]["sample_rate"] / 3600
             lines.append(f"  {split:5s}: {len(es):6d} files, {hours:8.3f} h")
-        lines.append(f"  total: {len(m['entries'])} files, {m['hours']:.3f} h of audio "
-                     f"at {m['features']['sample_rate']} Hz (preset {m['features']['name']})")
+        lines.append(
+            f"  total: {len(m['entries'])} files, {m['hours']:.3f} h of audio "
+            f"at {m['features']['sample_rate']} Hz (preset {m['features']['name']})"
+        )
         if m["skipped"]:
             lines.append(f"  left out {len(m['skipped'])} file(s):")
             lines += [f"    {s['file']}: {s['reason']}" for s in m["skipped"]]
@@ -120,7 +122,9 @@ def discover(data_cfg) -> list[Source]:
         sources = []
         for p in files:
             name = str(p.relative_to(root).with_suffix("")).replace(os.sep, "__")
-            split = _hash_split(name, int(data_cfg["valid_per_1000"]), int(data_cfg["test_per_1000"]))
+            split = _hash_split(
+                name, int(data_cfg["valid_per_1000"]), int(data_cfg["test_per_1000"])
+            )
             sources.append(Source(name, split, path=p))
         return sources
     if kind == "ljspeech":
@@ -138,8 +142,13 @@ def discover(data_cfg) -> list[Source]:
         n_valid = min(n_valid, max(len(ids) // 10, 1))
         sources = []
         for i, uid in enumerate(ids):
-            split = ("test" if i >= len(ids) - n_test
-                     else "valid" if i >= len(ids) - n_test - n_valid else "train")
+            split = (
+                "test"
+                if i >= len(ids) - n_test
+                else "valid"
+                if i >= len(ids) - n_test - n_valid
+                else "train"
+            )
             sources.append(Source(uid, split, path=root / "wavs" / f"{uid}.wav"))
         return sources
     raise VocoderError(f"unknown data.name {kind!r} (demo, folder or ljspeech)")
@@ -153,16 +162,29 @@ def _leave_out_short(corpus: PreparedCorpus, min_samples: int, data_cfg, log) ->
     for e in corpus.manifest["entries"]:
         (keep if e["samples"] >= min_samples else short).append(e)
     for e in short:
-        log(f"warning: leaving out {e['source']}: too short ({e['samples'] / sr:.3f} s; a "
-            f"training segment needs {min_samples / sr:.3f} s)")
+        log(
+            f"warning: leaving out {e['source']}: too short ({e['samples'] / sr:.3f} s; a "
+            f"training segment needs {min_samples / sr:.3f} s)"
+        )
     if not keep:
         where = data_cfg.get("root") or data_cfg["name"]
-        raise VocoderError(f"{where}: no usable audio file (every file is shorter than one "
-                           f"training segment of {min_samples / sr:.3f} s)")
-    manifest = dict(corpus.manifest, entries=keep, skipped=corpus.manifest["skipped"] + [
-        {"file": e["source"], "reason": f"too short ({e['samples'] / sr:.3f} s; a training "
-                                        f"segment needs {min_samples / sr:.3f} s)"}
-        for e in short])
+        raise VocoderError(
+            f"{where}: no usable audio file (every file is shorter than one "
+            f"training segment of {min_samples / sr:.3f} s)"
+        )
+    manifest = dict(
+        corpus.manifest,
+        entries=keep,
+        skipped=corpus.manifest["skipped"]
+        + [
+            {
+                "file": e["source"],
+                "reason": f"too short ({e['samples'] / sr:.3f} s; a training "
+                f"segment needs {min_samples / sr:.3f} s)",
+            }
+            for e in short
+        ],
+    )
     manifest["hours"] = sum(e["samples"] for e in keep) / sr / 3600
     return PreparedCorpus(corpus.root, manifest)
 
@@ -180,8 +202,14 @@ def _cache_key(data_cfg, features: MelFrontEnd, sources: list[Source]) -> str:
     return h.hexdigest()[:10]
 
 
-def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike,
-                   min_samples: int = 0, log=print, progress: bool = True) -> PreparedCorpus:
+def prepare_corpus(
+    data_cfg,
+    features: MelFrontEnd,
+    cache_dir: str | os.PathLike,
+    min_samples: int = 0,
+    log=print,
+    progress: bool = True,
+) -> PreparedCorpus:
     """Prepare (or reuse) the feature cache for ``data_cfg``.
 
     Files that cannot be decoded, are empty, silent, shorter than ``min_samples`` or hold
@@ -212,9 +240,12 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
                 from vocoder.data.demo import generate_utterance
 
                 if sr != 22050:
-                    raise VocoderError("the demo corpus exists at 22050 Hz only; use a 22050 Hz preset")
-                utt = generate_utterance(src.demo_index, seed=int(data_cfg["seed"]),
-                                         sample_rate=sr, hop_length=hop)
+                    raise VocoderError(
+                        "the demo corpus exists at 22050 Hz only; use a 22050 Hz preset"
+                    )
+                utt = generate_utterance(
+                    src.demo_index, seed=int(data_cfg["seed"]), sample_rate=sr, hop_length=hop
+                )
                 audio, f0 = utt.audio, utt.f0
             else:
                 audio = load_audio(src.path, sr, log=log)
@@ -236,11 +267,15 @@ def prepare_corpus(data_cfg, features: MelFrontEnd, cache_dir: str | os.PathLike
             save_npy_atomic(audio_path, pcm)
             if f0 is not None:
                 save_npy_atomic(root / "f0" / f"{src.name}.npy", f0.astype(np.float32))
-        entries.append({
-            "name": src.name, "split": src.split, "samples": int(len(pcm)),
-            "frames": int(features.num_frames(len(pcm))),
-            "source": str(src.path) if src.path is not None else f"demo:{src.demo_index}",
-        })
+        entries.append(
+            {
+                "name": src.name,
+                "split": src.split,
+                "samples": int(len(pcm)),
+                "frames": int(features.num_frames(len(pcm))),
+                "source": str(src.path) if src.path is not None else f"demo:{src.demo_index}",
+            }
+        )
     if not entries:
         where = data_cfg.get("root") or data_cfg["name"]
         raise VocoderError(f"{where}: no usable audio file ({len(skipped)} left out)")

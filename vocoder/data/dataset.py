@@ -27,8 +27,11 @@ class SegmentDataset(Dataset):
         self.hop = int(corpus.features["hop_length"])
         self.segment_frames = int(segment_frames)
         seg_samples = self.segment_frames * self.hop
-        self.entries = [e for e in corpus.entries(split)
-                        if e["frames"] >= self.segment_frames and e["samples"] >= seg_samples]
+        self.entries = [
+            e
+            for e in corpus.entries(split)
+            if e["frames"] >= self.segment_frames and e["samples"] >= seg_samples
+        ]
         if not self.entries:
             raise ValueError(
                 f"{corpus.root}: no {split} utterance is at least {self.segment_frames} frames "
@@ -41,12 +44,13 @@ class SegmentDataset(Dataset):
     def __getitem__(self, item) -> tuple[torch.Tensor, torch.Tensor]:
         index, crop_seed = item
         e = self.entries[index]
-        last_start = min(e["frames"] - self.segment_frames,
-                         e["samples"] // self.hop - self.segment_frames)
+        last_start = min(
+            e["frames"] - self.segment_frames, e["samples"] // self.hop - self.segment_frames
+        )
         start = int(np.random.default_rng(crop_seed).integers(0, last_start + 1))
         a0, a1 = start * self.hop, (start + self.segment_frames) * self.hop
         audio = np.asarray(self.corpus.audio(e["name"])[a0:a1], dtype=np.float32) / 32768.0
-        mel = np.array(self.corpus.mel(e["name"])[:, start:start + self.segment_frames])
+        mel = np.array(self.corpus.mel(e["name"])[:, start : start + self.segment_frames])
         return torch.from_numpy(audio), torch.from_numpy(mel)
 
 
@@ -58,8 +62,7 @@ class SegmentSampler(Sampler):
     ``(seed, epoch)``.
     """
 
-    def __init__(self, n_items: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start: int = 0):
+    def __init__(self, n_items: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
         self.n_items, self.seed = n_items, seed
         self.rank, self.world_size = rank, world_size
         self.start = start
@@ -82,8 +85,9 @@ class SegmentSampler(Sampler):
         return 2**62
 
 
-def validation_batches(corpus: PreparedCorpus, split: str, n_utterances: int,
-                       segment_frames: int, batch_size: int):
+def validation_batches(
+    corpus: PreparedCorpus, split: str, n_utterances: int, segment_frames: int, batch_size: int
+):
     """A fixed list of ``(audio [B, S * hop], mel [B, n_mels, S])`` batches: the first
     ``n_utterances`` long-enough utterances of ``split``, each cropped at its middle."""
     dataset = SegmentDataset(corpus, split, segment_frames)
@@ -92,8 +96,12 @@ def validation_batches(corpus: PreparedCorpus, split: str, n_utterances: int,
     for e in dataset.entries[:n_utterances]:
         frames = min(e["frames"], e["samples"] // hop)
         start = (frames - segment_frames) // 2
-        a = np.asarray(corpus.audio(e["name"])[start * hop:(start + segment_frames) * hop])
+        a = np.asarray(corpus.audio(e["name"])[start * hop : (start + segment_frames) * hop])
         audios.append(torch.from_numpy(a.astype(np.float32) / 32768.0))
-        mels.append(torch.from_numpy(np.array(corpus.mel(e["name"])[:, start:start + segment_frames])))
-    return [(torch.stack(audios[i:i + batch_size]), torch.stack(mels[i:i + batch_size]))
-            for i in range(0, len(audios), batch_size)]
+        mels.append(
+            torch.from_numpy(np.array(corpus.mel(e["name"])[:, start : start + segment_frames]))
+        )
+    return [
+        (torch.stack(audios[i : i + batch_size]), torch.stack(mels[i : i + batch_size]))
+        for i in range(0, len(audios), batch_size)
+    ]

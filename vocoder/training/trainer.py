@@ -86,8 +86,9 @@ def _lr_lambda(cfg) -> Callable[[int], float]:
 def _rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.frombuffer(
-            json.dumps(_np_state_to_list()).encode(), dtype=np.uint8).copy()),
+        "numpy": torch.from_numpy(
+            np.frombuffer(json.dumps(_np_state_to_list()).encode(), dtype=np.uint8).copy()
+        ),
         "python": json.dumps(random.getstate()),
     }
     if torch.cuda.is_available():
@@ -117,9 +118,16 @@ class Trainer:
     the MelConfig dict stored in checkpoints; ``extra`` goes into every checkpoint.
     """
 
-    def __init__(self, cfg, model: nn.Module, corpus: PreparedCorpus, features: dict,
-                 make_objective: Callable[[nn.Module], nn.Module] = TrainingLoss,
-                 extra: dict | None = None, log=print):
+    def __init__(
+        self,
+        cfg,
+        model: nn.Module,
+        corpus: PreparedCorpus,
+        features: dict,
+        make_objective: Callable[[nn.Module], nn.Module] = TrainingLoss,
+        extra: dict | None = None,
+        log=print,
+    ):
         self.cfg, self.tcfg = cfg, cfg.trainer
         self.features, self.extra, self.log = features, dict(extra or {}), log
         self.dist = D.init_distributed(str(self.tcfg.device))
@@ -141,12 +149,16 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_objective = DDP(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.objective,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=float(self.tcfg.lr),
-                                          betas=tuple(self.tcfg.betas),
-                                          weight_decay=float(self.tcfg.weight_decay))
+        self.optimizer = torch.optim.Adam(
+            params,
+            lr=float(self.tcfg.lr),
+            betas=tuple(self.tcfg.betas),
+            weight_decay=float(self.tcfg.weight_decay),
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.tcfg))
         amp = str(self.tcfg.amp)
         if amp not in ("none", "bf16", "fp16"):
@@ -172,7 +184,8 @@ class Trainer:
         from omegaconf import OmegaConf
 
         return make_checkpoint(
-            self.model, self.features,
+            self.model,
+            self.features,
             ema=self.ema_model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -210,8 +223,9 @@ class Trainer:
                 f"{self.features.get('name')!r}; use another run_dir"
             )
         if ckpt["arch"] != self.model.arch_config():
-            raise VocoderError(f"{path}: model architecture differs from this run's config; "
-                               f"use another run_dir")
+            raise VocoderError(
+                f"{path}: model architecture differs from this run's config; use another run_dir"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.ema_model.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -265,8 +279,9 @@ class Trainer:
             fake = self.ema_model.synthesize(mel[:1, :, :frames].to(self.device)).float().cpu()
         sr = int(self.features["sample_rate"])
         self._writer.add_audio("sample/generated", fake[0].clamp(-1, 1), self.step, sample_rate=sr)
-        self._writer.add_audio("sample/reference", audio[0, : fake.shape[-1]], self.step,
-                               sample_rate=sr)
+        self._writer.add_audio(
+            "sample/reference", audio[0, : fake.shape[-1]], self.step, sample_rate=sr
+        )
         try:
             import matplotlib
 
@@ -277,8 +292,10 @@ class Trainer:
 
             fe = MelFrontEnd.from_dict(self.features)
             fig, axes = plt.subplots(2, 1, figsize=(6, 4), sharex=True)
-            for ax, x, title in ((axes[0], audio[0, : fake.shape[-1]], "reference"),
-                                 (axes[1], fake[0], "generated")):
+            for ax, x, title in (
+                (axes[0], audio[0, : fake.shape[-1]], "reference"),
+                (axes[1], fake[0], "generated"),
+            ):
                 ax.imshow(fe(x.clamp(-1, 1)).numpy(), origin="lower", aspect="auto")
                 ax.set_title(title)
             fig.tight_layout()
@@ -324,15 +341,18 @@ class Trainer:
         ema_params = [p for p in self.ema_model.parameters()]
         params = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
+        for be, b in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
             be.copy_(b)
 
     def _train_step(self, audio, mel) -> tuple[bool, dict]:
         """One optimiser step; returns (applied, metrics)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
             loss, metrics = self.train_objective(audio, mel)
         # Backward runs even for a non-finite loss so every DDP rank joins the gradient
         # all-reduce; the non-finite gradients it makes are then discarded everywhere.
@@ -366,27 +386,45 @@ class Trainer:
         self._open_logs()
         segment_frames = int(t.segment_frames)
         dataset = SegmentDataset(self.corpus, "train", segment_frames)
-        sampler = SegmentSampler(len(dataset), int(self.cfg.seed), self.dist.rank,
-                                 self.dist.world_size,
-                                 start=self.batches_consumed * int(t.batch_size))
-        loader = DataLoader(dataset, batch_size=int(t.batch_size), sampler=sampler,
-                            num_workers=int(t.num_workers), drop_last=True,
-                            pin_memory=self.device.type == "cuda",
-                            persistent_workers=False, generator=torch.Generator(),
-                            multiprocessing_context="fork" if int(t.num_workers) > 0 else None)
+        sampler = SegmentSampler(
+            len(dataset),
+            int(self.cfg.seed),
+            self.dist.rank,
+            self.dist.world_size,
+            start=self.batches_consumed * int(t.batch_size),
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=int(t.batch_size),
+            sampler=sampler,
+            num_workers=int(t.num_workers),
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            generator=torch.Generator(),
+            multiprocessing_context="fork" if int(t.num_workers) > 0 else None,
+        )
         val_batches = []
         if self.dist.is_main:
             val_split = "valid" if self.corpus.entries("valid") else "train"
-            val_frames = min(int(t.val_frames), max(e["frames"] for e in self.corpus.entries(val_split)))
-            val_batches = validation_batches(self.corpus, val_split, int(t.val_utterances),
-                                             val_frames, int(t.val_batch_size))
+            val_frames = min(
+                int(t.val_frames), max(e["frames"] for e in self.corpus.entries(val_split))
+            )
+            val_batches = validation_batches(
+                self.corpus, val_split, int(t.val_utterances), val_frames, int(t.val_batch_size)
+            )
         previous_handlers = self._install_signal_handlers()
         progress = None
         if self.dist.is_main and t.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=max_steps, initial=self.step, desc=f"train {self.model.kind}",
-                            unit="step", dynamic_ncols=True)
+            progress = tqdm(
+                total=max_steps,
+                initial=self.step,
+                desc=f"train {self.model.kind}",
+                unit="step",
+                dynamic_ncols=True,
+            )
         running: dict[str, float] = defaultdict(float)
         n_running, t_last, samples_last = 0, time.perf_counter(), 0
         try:
@@ -399,10 +437,13 @@ class Trainer:
                 if not applied:
                     self.nonfinite_total += 1
                     self.nonfinite_run += 1
-                    self.log(f"warning: step {self.step}: non-finite loss or gradient, step skipped "
-                             f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
-                    self._write_metrics("nonfinite", {"in_a_row": self.nonfinite_run,
-                                                      "total": self.nonfinite_total})
+                    self.log(
+                        f"warning: step {self.step}: non-finite loss or gradient, step skipped "
+                        f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)"
+                    )
+                    self._write_metrics(
+                        "nonfinite", {"in_a_row": self.nonfinite_run, "total": self.nonfinite_total}
+                    )
                     if self.nonfinite_run >= int(t.max_nonfinite):
                         self.save()
                         raise NonFiniteError(
@@ -423,9 +464,11 @@ class Trainer:
                 if self.step % int(t.log_every) == 0 or self.step == max_steps:
                     elapsed = time.perf_counter() - t_last
                     row = {k: v / n_running for k, v in running.items()}
-                    row.update(lr=self.scheduler.get_last_lr()[0],
-                               samples_per_s=samples_last / max(elapsed, 1e-9),
-                               steps_per_s=n_running / max(elapsed, 1e-9))
+                    row.update(
+                        lr=self.scheduler.get_last_lr()[0],
+                        samples_per_s=samples_last / max(elapsed, 1e-9),
+                        steps_per_s=n_running / max(elapsed, 1e-9),
+                    )
                     self._write_metrics("train", row)
                     running.clear()
                     n_running, t_last, samples_last = 0, time.perf_counter(), 0
@@ -434,7 +477,9 @@ class Trainer:
                 if due_val and self.dist.is_main and val_batches:
                     # Validation draws its noise from its own fixed seed: comparable numbers
                     # across evaluations, and the training RNG stream is left untouched.
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    with torch.random.fork_rng(
+                        devices=[self.device] if self.device.type == "cuda" else []
+                    ):
                         torch.manual_seed(int(self.cfg.seed))
                         self.last_val = self.validate(val_batches)
                         if t.audio_every and self.step % int(t.audio_every) == 0:
@@ -443,16 +488,18 @@ class Trainer:
                     self.best_val = min(self.best_val, self.last_val["loss"])
                     self._write_metrics("valid", self.last_val)
                     (progress.write if progress is not None else self.log)(
-                        f"step {self.step}: validation " + ", ".join(
-                            f"{k}={v:.4f}" for k, v in self.last_val.items()))
+                        f"step {self.step}: validation "
+                        + ", ".join(f"{k}={v:.4f}" for k, v in self.last_val.items())
+                    )
                 stop = D.all_reduce_flag(self._stop_signal is not None, self.dist, self.device)
-                if (self.step % int(t.ckpt_every) == 0 or self.step == max_steps or stop
-                        or best):
+                if self.step % int(t.ckpt_every) == 0 or self.step == max_steps or stop or best:
                     self.save(best=best)
                     D.barrier(self.dist)
                 if stop:
-                    self.log(f"stopped by signal at step {self.step}; checkpoint saved to "
-                             f"{self.ckpt_dir / 'last.pt'}; rerun the same command to resume")
+                    self.log(
+                        f"stopped by signal at step {self.step}; checkpoint saved to "
+                        f"{self.ckpt_dir / 'last.pt'}; rerun the same command to resume"
+                    )
                     break
                 if self.step >= max_steps:
                     break
