@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vocoder.cli.common import hydra_app, prepare_data
+from vocoder.cli.common import apply_model_trainer_settings, hydra_app, prepare_data
 from vocoder.errors import VocoderError
 
 
@@ -39,11 +39,12 @@ def main(cfg) -> None:
     from vocoder.features import MelFrontEnd
     from vocoder.models import build_model, model_from_checkpoint
     from vocoder.training.checkpoint import load_checkpoint
-    from vocoder.training.trainer import Trainer
+    from vocoder.training.trainer import Trainer, seed_everything
 
     if str(cfg.model.kind) != "student":
         raise VocoderError(f"vocoder-distill trains the student, not a {cfg.model.kind} "
                            f"(use vocoder-train for that)")
+    cfg = apply_model_trainer_settings(cfg, "student")
     teacher_path = Path(str(cfg.teacher)).resolve()
     ckpt = load_checkpoint(teacher_path, kind="teacher")
     teacher = freeze(model_from_checkpoint(ckpt).prepare_for_inference())
@@ -52,6 +53,7 @@ def main(cfg) -> None:
         print(f"note: using the teacher's mel preset {features.config.name!r}, "
               f"not features={cfg.features.preset}")
     corpus = prepare_data(cfg, features, int(cfg.trainer.segment_frames) * features.hop_length)
+    seed_everything(int(cfg.seed))
     arch = OmegaConf.to_container(cfg.arch.student, resolve=True)
     student = build_model("student", features.n_mels, features.hop_length, arch)
     make_objective = make_distill_objective(teacher, cfg.distill)
