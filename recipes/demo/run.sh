@@ -27,7 +27,7 @@ exp=${exp:-exp/demo-$size}
 if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 
 case $size in
-  demo) teacher_steps=1500; student_steps=600; waveglow_steps=1500; n_utt=300 ;;
+  demo) teacher_steps=600;  student_steps=250; waveglow_steps=300;  n_utt=300 ;;
   ci)   teacher_steps=40;   student_steps=20;  waveglow_steps=40;   n_utt=40 ;;
   *) echo "unknown --size $size (demo or ci)" >&2; exit 2 ;;
 esac
@@ -72,7 +72,7 @@ fi
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
   for m in teacher student waveglow; do
     run $py -m vocoder.cli.eval checkpoint=$exp/$m/checkpoints/last.pt input=$exp/test_audio \
-      output=$exp/eval/$m f0_dir=$exp/test_audio/f0 report=false progress=false
+      output=$exp/eval/$m f0_dir=$exp/test_audio/f0 report=false
   done
   run $py -m vocoder.cli.report exp=$exp
   stamp 6

@@ -137,7 +137,8 @@ def summarise(rows: list[dict]) -> dict:
     mean["frames"] = frames
     synth_time = sum(r["synthesis_seconds"] for r in rows)
     mean["synthesis_seconds"] = synth_time
-    mean["realtime_factor"] = mean["seconds"] / synth_time if synth_time > 0 else None
+    # Real-time factor as everywhere in the toolkit: synthesis time / audio duration.
+    mean["real_time_factor"] = synth_time / mean["seconds"] if mean["seconds"] > 0 else None
     return mean
 
 
@@ -159,7 +160,7 @@ def markdown(result: dict) -> str:
              f"device {result['device']}, "
              f"sigma {'model default' if result['sigma'] is None else result['sigma']}, "
              f"{result['mean']['files']} files, {result['mean']['seconds']:.2f} s of audio, "
-             f"synthesis {format_metric(result['mean']['realtime_factor'])}x real time. "
+             f"synthesis real-time factor {format_metric(result['mean']['real_time_factor'])}. "
              "Lower is better for every metric.", ""]
     header = ["file", "seconds"] + [h for _, h in shown] + ["F0 reference"]
     lines.append("| " + " | ".join(header) + " |")
