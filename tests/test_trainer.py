@@ -89,6 +89,18 @@ def test_resume_equals_uninterrupted(tmp_path, cache_dir):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_short_training_on_the_demo_corpus_lowers_validation_nll(tmp_path, cache_dir):
+    from vocoder.data.dataset import validation_batches
+
+    t = _trainer(tmp_path, cache_dir, "trainer.max_steps=30", "trainer.val_every=30",
+                 "trainer.lr=3e-3", "trainer.warmup_steps=0")
+    batches = validation_batches(t.corpus, "valid", 4, 16, 4)
+    torch.manual_seed(0)
+    before = t.validate(batches)["nll"]
+    after = t.fit()["nll"]
+    assert after < before - 0.3, (before, after)
+
+
 def test_checkpoint_rotation_best_and_contents(tmp_path, cache_dir):
     t = _trainer(
         tmp_path,
