@@ -4,8 +4,8 @@ Each model is warmed up, the device synchronised around every repeat, and the me
 several repeats reported. The autoregressive teacher is timed on a shorter clip and its rate
 scaled per sample (its cost per sample does not depend on the clip length).
 
-MACs per output sample are counted by torch's FLOP counter on a short synthesis
-(matmuls and convolutions, the operations that dominate), divided by two.
+MACs per output sample are counted by torch's FLOP counter (matmuls and convolutions, the
+operations that dominate) on the parallel pass of a model of the same architecture.
 """
 
 from __future__ import annotations
@@ -25,15 +25,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_macs_per_sample(model, n_mels: int, frames: int = 4) -> float:
-    """Multiply-accumulates per output sample of ``model.synthesize`` on ``frames`` frames."""
+def count_macs_per_sample(model, frames: int = 4) -> float:
+    """Multiply-accumulates per output sample, from the layer shapes.
+
+    Counted by torch's FLOP counter on the parallel pass of a freshly built copy in training
+    form (teacher and student ``forward``, WaveGlow ``encode``: the same arithmetic per sample
+    as synthesis), because fused inference paths write into preallocated buffers that the
+    counter does not see.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    param = next(model.parameters())
-    mel = torch.full((1, n_mels, frames), -5.0, device=param.device, dtype=param.dtype)
+    from vocoder.models import build_model
+
+    fresh = build_model(model.kind, model.n_mels, model.hop_length, model.arch_config()).eval()
+    samples = frames * model.hop_length
+    mel = torch.full((1, model.n_mels, frames), -5.0)
+    x = 0.1 * torch.randn(1, samples)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        audio = model.synthesize(mel)
-    return counter.get_total_flops() / 2.0 / audio.shape[-1]
+        if model.kind == "waveglow":
+            fresh.encode(x, mel)
+        else:
+            fresh(x, mel)
+    return counter.get_total_flops() / 2.0 / samples
 
 
 def time_synthesis(model, mel: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[float]:
@@ -68,7 +81,7 @@ def benchmark_model(
     frames = max(2, int(round(seconds * sample_rate / hop)))
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs_per_sample(model, n_mels)
+    macs = count_macs_per_sample(model)
     rng = np.random.default_rng(0)
     # A speech-like level of log-mel values (speed does not depend on them).
     mel = torch.from_numpy(rng.uniform(-8.0, 0.0, (batch, n_mels, frames)).astype(np.float32))
