@@ -3,15 +3,13 @@ import os
 import pytest
 import torch
 
-# Two pytest-xdist workers share two cores: one thread each keeps them from fighting.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# The tests run tiny models: threads gain nothing, and on a busy machine OpenMP barriers cost
+# dearly (a tiny step took 100x longer with 2 threads than with 1). Subprocesses (CLI tests)
+# inherit the environment variable.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-# Subprocesses (CLI tests) inherit this: no OpenMP spinning against the other worker.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")

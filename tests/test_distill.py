@@ -20,15 +20,6 @@ from vocoder.models.teacher import Teacher
 N_MELS, HOP = 6, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and immune to other processes holding the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(dtype=torch.float32, teacher_log_sigma=-1.0):
     """A tiny random teacher (log sigma about ``teacher_log_sigma``) and a tiny student whose
     flows are not the identity."""

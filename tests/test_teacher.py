@@ -14,13 +14,6 @@ from vocoder.models.teacher import Teacher
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops gain nothing from threads, and on busy machines OpenMP barriers cost dearly.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 N_MELS, HOP = 6, 8
 ARCH = dict(n_layers=5, cycle_length=3, residual_channels=6, gate_channels=8, skip_channels=6,
             kernel_size=3, cond_channels=4, upsample_scales=[2, 4])

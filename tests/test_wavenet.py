@@ -19,15 +19,6 @@ from vocoder.nn.wavenet import (
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops gain nothing from threads, and on busy machines OpenMP barriers cost dearly.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_stack(cond_channels: int = 3, **overrides) -> WaveNetStack:
     torch.manual_seed(0)
     kwargs = dict(in_channels=2, out_channels=3, n_layers=5, cycle_length=3,

@@ -75,3 +75,14 @@ def apply_model_trainer_settings(cfg, kind: str):
             if key not in explicit:
                 cfg.trainer[key] = value
     return cfg
+
+
+def fit_and_report(trainer) -> None:
+    """Run ``trainer.fit()``, print where the checkpoint went, and leave the process group."""
+    from vocoder.training.distributed import cleanup
+
+    metrics = trainer.fit()
+    if trainer.dist.is_main:
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"checkpoint: {trainer.ckpt_dir / 'last.pt'} (step {trainer.step}); {summary}")
+    cleanup(trainer.dist)

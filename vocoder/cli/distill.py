@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vocoder.cli.common import apply_model_trainer_settings, hydra_app, prepare_data
+from vocoder.cli.common import (
+    apply_model_trainer_settings,
+    fit_and_report,
+    hydra_app,
+    prepare_data,
+)
 from vocoder.errors import VocoderError
 
 
@@ -71,13 +76,7 @@ def main(cfg) -> None:
               f"{teacher.receptive_field}); KL {objective.estimator}, skipping {objective.skip} "
               f"steps; device {trainer.device}, {trainer.dist.world_size} process(es), global "
               f"batch {int(cfg.trainer.batch_size) * trainer.dist.world_size}")
-    metrics = trainer.fit()
-    if trainer.dist.is_main:
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        print(f"checkpoint: {trainer.ckpt_dir / 'last.pt'} (step {trainer.step}); {summary}")
-    from vocoder.training.distributed import cleanup
-
-    cleanup(trainer.dist)
+    fit_and_report(trainer)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ Trains by maximum likelihood with the shared trainer; rerunning the command resu
 
 from __future__ import annotations
 
-from vocoder.cli.common import apply_model_trainer_settings, front_end, hydra_app, prepare_data
+from vocoder.cli.common import (
+    apply_model_trainer_settings,
+    fit_and_report,
+    front_end,
+    hydra_app,
+    prepare_data,
+)
 from vocoder.errors import VocoderError
 
 
@@ -33,13 +39,7 @@ def main(cfg) -> None:
             f"{trainer.dist.world_size} process(es), global batch "
             f"{int(cfg.trainer.batch_size) * trainer.dist.world_size}"
         )
-    metrics = trainer.fit()
-    if trainer.dist.is_main:
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        print(f"checkpoint: {trainer.ckpt_dir / 'last.pt'} (step {trainer.step}); {summary}")
-    from vocoder.training.distributed import cleanup
-
-    cleanup(trainer.dist)
+    fit_and_report(trainer)
 
 
 if __name__ == "__main__":
