@@ -129,3 +129,33 @@ def test_bench_cli_writes_json_table_and_chart(tmp_path):
     assert data["environment"]["threads"] >= 1 and data["environment"]["torch"]
     assert "| teacher |" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_synth_cli_nan_empty_and_missing_inputs(tmp_path):
+    ckpt = _checkpoint("student", tmp_path / "st.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = np.full((80, 12), -6.0, np.float32)
+    np.save(inputs / "good.npy", good)
+    nan = good.copy()
+    nan[3, 4] = np.nan
+    np.save(inputs / "nan.npy", nan)
+    (inputs / "empty.npy").write_bytes(b"")
+    (inputs / "empty.wav").write_bytes(b"")
+    out = tmp_path / "out"
+    proc = _run("vocoder.cli.synth", f"checkpoint={ckpt}", f"input={inputs}", f"output={out}",
+                "progress=false")
+    assert proc.returncode == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good.wav"]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3
+    assert any("nan.npy" in w and "NaN" in w for w in warnings)
+    assert any("empty.npy" in w for w in warnings) and any("empty.wav" in w for w in warnings)
+    missing = _run("vocoder.cli.synth", f"checkpoint={ckpt}", f"input={tmp_path / 'nope'}",
+                   f"output={out}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: input not found"]
+    bad_ckpt = _run("vocoder.cli.synth", f"checkpoint={tmp_path / 'in' / 'good.npy'}",
+                    f"input={inputs}", f"output={out}")
+    assert bad_ckpt.returncode == 2 and "not a readable checkpoint" in bad_ckpt.stderr
+    assert len(bad_ckpt.stderr.strip().splitlines()) == 1
