@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from vocoder.synthesis import DTYPES
+from vocoder.synthesis import DTYPES, set_tf32
 
 
 def _sync(device: torch.device) -> None:
@@ -77,6 +77,7 @@ def benchmark_model(
     compile_model: bool = False,
 ) -> dict:
     """Time one model; returns a row of ``bench.json``."""
+    set_tf32(dtype == "tf32")
     hop, n_mels = model.hop_length, model.n_mels
     frames = max(2, int(round(seconds * sample_rate / hop)))
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -125,6 +126,45 @@ def _peak_rss_bytes() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
+def device_rates(device: torch.device, repeats: int = 5) -> dict:
+    """Measured peak-ish rates that bound synthesis: square matmul throughput (GMAC/s) per
+    dtype and device-memory copy bandwidth (GB/s, read + write)."""
+    n = 4096 if device.type == "cuda" else 2048
+    dtypes = {"fp32": torch.float32}
+    if device.type == "cuda":
+        dtypes.update(tf32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+    rates = {}
+    for name, dt in dtypes.items():
+        set_tf32(name == "tf32")
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        out = torch.empty(n, n, device=device, dtype=dt)
+        times = []
+        for i in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        rates[f"matmul_gmacs_{name}"] = n**3 / statistics.median(times) / 1e9
+    set_tf32(False)
+    x = torch.empty(64 * 2**20 // 4 if device.type == "cpu" else 256 * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    x.fill_(1.0)
+    y.fill_(0.0)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    rates["copy_gbps"] = 2 * x.numel() * 4 / statistics.median(times) / 1e9
+    return rates
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "torch": torch.__version__,
@@ -154,15 +194,16 @@ def environment(device: torch.device) -> dict:
 def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
     lines = [
         "| model | device | dtype | batch | audio s | samples/s | RTF | peak MB | params (M) "
-        "| MACs/sample |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| MACs/sample | matmul floor | of floor |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['device']} | {r['dtype']} | {r['batch']} | "
             f"{r['audio_seconds']:.2f} | {r['samples_per_s']:,.0f} | {r['real_time_factor']:.4f} | "
             f"{r['peak_memory_mb']:.0f} | {r['parameters'] / 1e6:.2f} | "
-            f"{r['macs_per_sample'] / 1e3:,.1f} k |"
+            f"{r['macs_per_sample'] / 1e3:,.1f} k | {r.get('floor_samples_per_s', 0):,.0f} | "
+            f"{r.get('fraction_of_floor', 0):.0%} |"
         )
     lines.append("")
     for k, v in ratios.items():
@@ -172,6 +213,13 @@ def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
         f"- machine: {env.get('gpu', env.get('cpu'))}, {env['threads']} thread(s); "
         f"torch {env['torch']}, python {env['python']}"
     )
+    rates = env.get("rates", {})
+    if rates:
+        lines.append("- measured rates: " + ", ".join(
+            f"{k.replace('matmul_gmacs_', 'matmul ')} {v:,.1f} "
+            f"{'GB/s' if k == 'copy_gbps' else 'GMAC/s'}".replace("copy_gbps", "copy")
+            for k, v in rates.items()))
+        lines.append("- floor: samples/s if the model's MACs ran at the square-matmul rate")
     return "\n".join(lines) + "\n"
 
 

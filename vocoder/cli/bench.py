@@ -76,12 +76,22 @@ def main(cfg) -> None:
                     f"{row['macs_per_sample'] / 1e3:,.1f} kMACs/sample"
                 )
         del model
+    from vocoder.bench import device_rates
+
+    rates = device_rates(device)
+    for row in rows:
+        # The arithmetic floor: no faster than the device's square-matmul rate allows.
+        key = f"matmul_gmacs_{row['dtype']}"
+        if key in rates and row["macs_per_sample"] > 0:
+            row["floor_samples_per_s"] = rates[key] * 1e9 / row["macs_per_sample"]
+            row["fraction_of_floor"] = row["samples_per_s"] / row["floor_samples_per_s"]
     ratios = {}
     for a, b in (("student", "teacher"), ("student", "waveglow")):
         r = _ratio(rows, a, b)
         if r is not None:
             ratios[f"{a}_over_{b}"] = r
     env = environment(device)
+    env["rates"] = rates
     with open(out / "bench.json", "w") as f:
         json.dump(
             {"rows": rows, "ratios": ratios, "environment": env, "experiment": str(cfg.experiment)},

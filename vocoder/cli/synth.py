@@ -33,6 +33,7 @@ def main(cfg) -> None:
         list_inputs,
         pad_mels,
         read_input,
+        set_tf32,
         synthesize_long,
     )
 
@@ -44,6 +45,7 @@ def main(cfg) -> None:
     files = list_inputs(cfg.input)
     model = load_model(cfg.checkpoint, device=device)
     dtype = DTYPES[str(cfg.dtype)]
+    set_tf32(str(cfg.dtype) == "tf32")
     model = model.to(dtype)
     features = model.features
     denoiser = None
