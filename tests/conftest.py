@@ -1,7 +1,17 @@
 import os
+import tempfile
 
-import pytest
-import torch
+# librosa's numba functions cache compiled code next to the installed package; two pytest
+# workers compiling at once on a fresh install can leave a corrupt cache that segfaults the
+# next pyin call. Each worker (and the CLI subprocesses it starts) gets its own cache folder.
+# Set before anything imports numba.
+os.environ.setdefault(
+    "NUMBA_CACHE_DIR",
+    tempfile.mkdtemp(prefix=f"numba-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"),
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The tests run tiny models: threads gain nothing, and on a busy machine OpenMP barriers cost
 # dearly (a tiny step took 100x longer with 2 threads than with 1). Subprocesses (CLI tests)
