@@ -24,6 +24,14 @@ class Vocoder(nn.Module):
         self.n_mels = n_mels
         self.hop_length = hop_length
 
+    def check_mel_shape(self, mel: Tensor, length: int) -> None:
+        """Raise ``ValueError`` unless ``mel`` is ``[B, n_mels, length // hop_length]``."""
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"mel must be [B, {self.n_mels}, F], got {tuple(mel.shape)}")
+        if mel.shape[-1] * self.hop_length != length:
+            raise ValueError(f"{length} samples need {length / self.hop_length:g} mel frames "
+                             f"(hop {self.hop_length}), got {mel.shape[-1]}")
+
     def arch_config(self) -> dict:
         """Keyword arguments (besides ``n_mels``/``hop_length``) that rebuild this model."""
         raise NotImplementedError

@@ -82,11 +82,7 @@ class Teacher(Vocoder):
         return self.wavenet.receptive_field
 
     def _conditioning(self, mel: Tensor, length: int) -> Tensor:
-        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
-            raise ValueError(f"mel must be [B, {self.n_mels}, F], got {tuple(mel.shape)}")
-        if mel.shape[-1] * self.hop_length != length:
-            raise ValueError(f"{length} samples need {length / self.hop_length:g} mel frames "
-                             f"(hop {self.hop_length}), got {mel.shape[-1]}")
+        self.check_mel_shape(mel, length)
         return self.upsampler(mel)
 
     def forward(self, x: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
