@@ -108,6 +108,30 @@ def test_eval_writes_metrics_wavs_and_report(setup):
     assert "wavs/low.wav" in page and f"mels/{kind}/high.png" in page
 
 
+def test_eval_scores_given_synthesis_without_running_the_model(setup, tmp_path):
+    """synthesis=DIR scores existing wavs: the reference scored against itself is at distance
+    zero; a recording with no synthesised file is one warning and is left out."""
+    root, checkpoints, inputs, _ = setup
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "low.wav").write_bytes((inputs / "low.wav").read_bytes())
+    output = tmp_path / "out"
+    result = run_eval(f"checkpoint={next(iter(checkpoints.values()))}", f"input={inputs}",
+                      f"output={output}", f"synthesis={given}")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert any("broken.wav" in w for w in warnings)
+    assert any("high.wav" in w and "no synthesised file" in w for w in warnings)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert [row["name"] for row in metrics["files"]] == ["low"]
+    row = metrics["files"][0]
+    assert row["log_mel_l1"] < 1e-6 and row["mr_stft"] < 1e-6 and row["mcd_db"] < 1e-3
+    assert row["voicing_error"] == 0.0
+    assert row["synthesis_seconds"] is None and metrics["mean"]["real_time_factor"] is None
+    assert metrics["synthesis"] == str(given)
+
+
 def test_eval_without_a_readable_file_fails_in_one_line(setup, tmp_path):
     root, checkpoints, _, _ = setup
     (tmp_path / "in").mkdir()

@@ -36,7 +36,23 @@ def test_output_is_affine_in_z_with_the_returned_totals():
     x, mu_tot, log_sigma_tot = model(z, mel)
     assert x.shape == mu_tot.shape == log_sigma_tot.shape == z.shape
     torch.testing.assert_close(x, mu_tot + torch.exp(log_sigma_tot) * z, rtol=0, atol=1e-12)
-    assert log_sigma_tot.std() > 0.05 and mu_tot.std() > 0.05
+    assert log_sigma_tot.std() > 0.05 and mu_tot.std() > 0.05 * model.audio_scale
+
+
+def test_flows_work_in_units_of_audio_scale():
+    """audio_scale only rescales what the flows produce: x, mu_tot scale with it and
+    log_sigma_tot shifts by its log; the fast sampling path agrees."""
+    torch.manual_seed(0)
+    unit = _student(audio_scale=1.0)
+    scaled = _student(audio_scale=0.05)
+    scaled.load_state_dict(unit.state_dict())
+    z, mel = _inputs()
+    x1, mu1, ls1 = unit(z, mel)
+    x2, mu2, ls2 = scaled(z, mel)
+    torch.testing.assert_close(x2, 0.05 * x1)
+    torch.testing.assert_close(mu2, 0.05 * mu1)
+    torch.testing.assert_close(ls2, ls1 + math.log(0.05))
+    torch.testing.assert_close(scaled.sample(mel, z), x2.detach())
 
 
 def test_jacobian_is_lower_triangular_with_diagonal_sigma_tot():
@@ -142,9 +158,9 @@ def test_fresh_student_starts_at_the_identity_or_a_plain_scale():
     z, mel = _inputs(dtype=torch.float32)
     fresh = Student(N_MELS, HOP, flow_layers=[2, 2], residual_channels=4, gate_channels=4,
                     skip_channels=4, cond_channels=4)
-    torch.testing.assert_close(fresh(z, mel)[0], z)
+    torch.testing.assert_close(fresh(z, mel)[0], z * fresh.audio_scale)
     scaled = Student(N_MELS, HOP, flow_layers=[2, 2], residual_channels=4, gate_channels=4,
-                     skip_channels=4, cond_channels=4, log_sigma_init=-3.0)
+                     skip_channels=4, cond_channels=4, log_sigma_init=-3.0, audio_scale=1.0)
     x, mu_tot, log_sigma_tot = scaled(z, mel)
     torch.testing.assert_close(x, z * math.exp(-3.0))
     assert mu_tot.abs().max() == 0 and torch.allclose(log_sigma_tot, torch.tensor(-3.0))

@@ -131,6 +131,29 @@ def test_bench_cli_writes_json_table_and_chart(tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("kind", ["student", "waveglow"])
+def test_precision_check_measures_distance_to_fp32(kind):
+    """Same mel and noise: fp32 against itself is exactly zero, bf16 (8 significant bits) is
+    off by a small, nonzero amount."""
+    from vocoder.bench import precision_check
+
+    fe = MelFrontEnd.from_preset("tacotron2")
+    torch.manual_seed(0)
+    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval().prepare_for_inference()
+    before = [p.detach().clone() for p in model.parameters()]
+    same = precision_check(model, "fp32", torch.device("cpu"), fe, seconds=0.1)
+    assert same == {"rel_audio_error_vs_fp32": 0.0, "log_mel_l1_vs_fp32": 0.0}
+    low = precision_check(model, "bf16", torch.device("cpu"), fe, seconds=0.1)
+    assert 1e-4 < low["rel_audio_error_vs_fp32"] < 0.1
+    assert 0.0 < low["log_mel_l1_vs_fp32"] < 1.0
+    assert all(p.dtype == torch.float32 and torch.equal(p, b)
+               for p, b in zip(model.parameters(), before, strict=True))
+
+
 def test_synth_cli_nan_empty_and_missing_inputs(tmp_path):
     ckpt = _checkpoint("student", tmp_path / "st.pt")
     inputs = tmp_path / "in"

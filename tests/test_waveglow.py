@@ -201,7 +201,7 @@ def reference_infer(sd, mel, z_final, z_early, n_group, n_early_every, n_layers,
 
 
 def test_nvidia_layout_matches_reference_inference():
-    model = tiny()
+    model = tiny(audio_scale=1.0)  # NVIDIA's models read raw audio
     frames, g = 3, model.n_group
     mel = torch.randn(2, N_MELS, frames, dtype=torch.float64)
     n_pos = frames * HOP // g
@@ -211,13 +211,17 @@ def test_nvidia_layout_matches_reference_inference():
     # Documented layout: early outputs in flow order, then the final channels, un-squeezed.
     z = torch.cat([z_early[2], z_final], 1).permute(0, 2, 1).reshape(2, -1)
     assert torch.allclose(model.decode(z, mel), expected, atol=1e-10)
+    # Another audio_scale only rescales the audio: the flows between are unchanged.
+    scaled = tiny(audio_scale=0.25)
+    scaled.load_state_dict(model.state_dict())
+    assert torch.allclose(scaled.decode(z, mel), 0.25 * expected, atol=1e-10)
 
 
 @pytest.mark.parametrize("weight_norm,layout", [(True, "latest"), (False, "latest"),
                                                 (True, "cond_layers"), (True, "oldest"),
                                                 (False, "oldest")])
 def test_convert_state_dict_round_trip(tmp_path, weight_norm, layout):
-    model = tiny(dtype=torch.float32, n_early_every=3, n_flows=5).eval()
+    model = tiny(dtype=torch.float32, n_early_every=3, n_flows=5, audio_scale=1.0).eval()
     # A plain state dict file, saved from a DistributedDataParallel wrapper.
     sd = {f"module.{k}": v for k, v in nvidia_state_dict(model, weight_norm, layout).items()}
     torch.save({"state_dict": sd}, tmp_path / "sd.pt")
@@ -292,7 +296,7 @@ def _save_nvidia_object(sd, path, legacy, extra=None):
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("weight_norm", [True, False])
 def test_convert_whole_object_checkpoint(tmp_path, legacy, weight_norm):
-    model = tiny(dtype=torch.float32).eval()
+    model = tiny(dtype=torch.float32, audio_scale=1.0).eval()
     sd = nvidia_state_dict(model, weight_norm)
     src = tmp_path / "waveglow.pt"
     _save_nvidia_object(sd, src, legacy)
@@ -317,7 +321,7 @@ def test_convert_waveglow_writes_loadable_checkpoint(tmp_path, capsys):
     from vocoder.training.checkpoint import load_checkpoint
 
     model = WaveGlow(80, 256, n_flows=2, n_group=8, n_early_every=4, n_layers=2,
-                     n_channels=8).eval()
+                     n_channels=8, audio_scale=1.0).eval()
     src, out = tmp_path / "nvidia.pt", tmp_path / "ckpt.pt"
     _save_nvidia_object(nvidia_state_dict(model), src, legacy=True)
     main([f"input={src}", f"output={out}"])

@@ -115,6 +115,49 @@ def benchmark_model(
     }
 
 
+def _synthesize_from_noise(model, mel: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The model's default synthesis with the noise given (``z ~ N(0, 1)``, scaled by the
+    model's own sigma): teacher and student ``sample(mel, z)``, WaveGlow ``decode``."""
+    if model.kind == "waveglow":
+        return model.decode(z.mul(model.sigma).to(mel.dtype), mel)
+    return model.sample(mel, z=z)
+
+
+def precision_check(model, dtype: str, device: torch.device, features, seconds: float = 1.0,
+                    seed: int = 0) -> dict:
+    """How far synthesis in ``dtype`` lands from fp32 on the same mel and the same noise.
+
+    Both copies of ``model`` get one random speech-level mel of ``seconds`` and one draw of
+    ``z``; returns ``rel_audio_error_vs_fp32`` (``||x_d - x_32|| / ||x_32||``) and
+    ``log_mel_l1_vs_fp32`` (mean ``|ln mel(x_d) - ln mel(x_32)|`` with ``features``). For the
+    autoregressive teacher any rounding difference changes every later sample, so only its
+    mel distance is meaningful. ``model`` itself is left as it was.
+    """
+    import copy
+
+    from vocoder.metrics import log_mel_distance
+
+    hop = model.hop_length
+    frames = max(2, int(round(seconds * features.sample_rate / hop)))
+    gen = torch.Generator().manual_seed(seed)
+    mel = torch.rand(1, model.n_mels, frames, generator=gen) * 8.0 - 8.0
+    z = torch.randn(1, frames * hop, generator=gen)
+    outputs = {}
+    for name in ("fp32", dtype):
+        set_tf32(name == "tf32")
+        work = copy.deepcopy(model).to(device=device, dtype=DTYPES[name]).eval()
+        with torch.no_grad():
+            outputs[name] = _synthesize_from_noise(
+                work, mel.to(device, DTYPES[name]), z.to(device, DTYPES[name]))[0].float().cpu()
+        del work
+    set_tf32(False)
+    ref, low = outputs["fp32"], outputs[dtype]
+    return {
+        "rel_audio_error_vs_fp32": float((low - ref).norm() / ref.norm().clamp_min(1e-12)),
+        "log_mel_l1_vs_fp32": float(log_mel_distance(ref.numpy(), low.numpy(), features)),
+    }
+
+
 class _Compiled:
     def __init__(self, model):
         self.synthesize = torch.compile(model.synthesize)
@@ -191,11 +234,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _maybe(value) -> str:
+    return "-" if value is None else f"{value:.2g}"
+
+
 def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
     lines = [
         "| model | device | dtype | batch | audio s | samples/s | RTF | peak MB | params (M) "
-        "| MACs/sample | matmul floor | of floor |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| MACs/sample | matmul floor | of floor | rel. error vs fp32 | log-mel L1 vs fp32 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -203,7 +250,8 @@ def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
             f"{r['audio_seconds']:.2f} | {r['samples_per_s']:,.0f} | {r['real_time_factor']:.4f} | "
             f"{r['peak_memory_mb']:.0f} | {r['parameters'] / 1e6:.2f} | "
             f"{r['macs_per_sample'] / 1e3:,.1f} k | {r.get('floor_samples_per_s', 0):,.0f} | "
-            f"{r.get('fraction_of_floor', 0):.0%} |"
+            f"{r.get('fraction_of_floor', 0):.0%} | {_maybe(r.get('rel_audio_error_vs_fp32'))} | "
+            f"{_maybe(r.get('log_mel_l1_vs_fp32'))} |"
         )
     lines.append("")
     for k, v in ratios.items():

@@ -74,8 +74,9 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
 fi
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
   for m in teacher student waveglow; do
+    # Scores stage 4's wavs (synthesis=...) rather than synthesising the test split again.
     run $py -m vocoder.cli.eval checkpoint=$exp/$m/checkpoints/last.pt input=$exp/test_audio \
-      output=$exp/eval/$m f0_dir=$exp/test_audio/f0 report=false $(sigma_for $m)
+      synthesis=$exp/synth/$m output=$exp/eval/$m f0_dir=$exp/test_audio/f0 report=false
   done
   run $py -m vocoder.cli.report exp=$exp
   stamp 6

@@ -25,7 +25,8 @@ def _ratio(rows, a, b, key="samples_per_s"):
 def main(cfg) -> None:
     import torch
 
-    from vocoder.bench import bar_chart, benchmark_model, environment, markdown_table
+    from vocoder.bench import (bar_chart, benchmark_model, environment, markdown_table,
+                               precision_check)
     from vocoder.features import MelFrontEnd
     from vocoder.models import build_model, load_model
     from vocoder.synthesis import DTYPES
@@ -52,7 +53,12 @@ def main(cfg) -> None:
             model.eval().prepare_for_inference()
             sr = features.sample_rate
         seconds = float(cfg.teacher_seconds) if name == "teacher" else float(cfg.seconds)
+        front_end = getattr(model, "features", None) or features
         for dtype in cfg.dtypes:
+            # Numerics first, on a copy: the timing below converts the model in place.
+            check = (precision_check(model, str(dtype), device, front_end,
+                                     float(cfg.check_seconds))
+                     if str(dtype) != "fp32" and float(cfg.check_seconds) > 0 else {})
             for batch in cfg.batches:
                 row = benchmark_model(
                     name,
@@ -69,6 +75,7 @@ def main(cfg) -> None:
                 row["source"] = (
                     str(cfg[name]) if cfg.get(name) else f"random weights, {cfg.experiment} sizes"
                 )
+                row.update(check)
                 rows.append(row)
                 print(
                     f"{name:9s} {dtype} batch {batch}: {row['samples_per_s']:,.0f} samples/s, "

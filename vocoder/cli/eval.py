@@ -1,14 +1,16 @@
 """``vocoder-eval checkpoint=CKPT input=DIR_OR_FILE output=DIR``: copy-synthesis quality.
 
 Each recording goes through the checkpoint's own mel front end and back through the model;
-the result is compared with the recording (:mod:`vocoder.metrics`). Writes::
+the result is compared with the recording (:mod:`vocoder.metrics`). With ``synthesis=DIR``
+the model is not run: ``DIR/<name>.wav`` (e.g. what ``vocoder-synth`` wrote for the same
+input) is scored instead. Writes::
 
     DIR/metrics.json   checkpoint, kind, per-file rows, means, definitions
     DIR/metrics.md     the same as a table
     DIR/wavs/<name>.wav  the synthesised audio, as long as its reference
     DIR/report.html    with report=true (audio players and mel pictures)
 
-Options: ``device=cpu|cuda|auto``, ``sigma=S``, ``max_files=N``, ``f0_dir=DIR`` (true F0
+Options: ``synthesis=DIR``, ``device=cpu|cuda|auto``, ``sigma=S``, ``max_files=N``, ``f0_dir=DIR`` (true F0
 contours ``<stem>.npy``, e.g. the demo corpus cache's ``f0/``), ``teacher=CKPT`` (NLL of the
 synthesis under a teacher), ``report=true``. An unreadable file is one ``warning:`` line and
 is skipped; when none can be read the command fails with ``error:`` and exit code 2.
@@ -114,6 +116,40 @@ def _teacher_nll(teacher, reference: np.ndarray, synthesis: np.ndarray) -> dict:
     return {"teacher_nll": float(nll[0]), "teacher_nll_reference": float(nll[1])}
 
 
+def _synthesize(model, features, audio: np.ndarray, device: torch.device,
+                sigma: float | None, seed: int) -> tuple[np.ndarray, float]:
+    """Copy-synthesis of one recording: ``(audio as long as the recording, seconds taken)``."""
+    torch.manual_seed(seed)  # each file's noise independent of the others
+    mel = features(torch.from_numpy(audio).to(device)).unsqueeze(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        synthesis = model.synthesize(mel, sigma=sigma)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return synthesis[: audio.shape[0]].float().cpu().numpy(), seconds
+
+
+def _given_synthesis(path: Path, features, length: int) -> np.ndarray:
+    """An already synthesised file for a recording of ``length`` samples, cut to that length;
+    :class:`~vocoder.errors.InputError` when it is missing, at another rate or much shorter."""
+    import soundfile as sf
+
+    from vocoder.audio import load_audio
+
+    if not path.is_file():
+        raise InputError(path, "no synthesised file of this name")
+    rate = sf.info(str(path)).samplerate
+    if rate != features.sample_rate:
+        raise InputError(path, f"sampled at {rate} Hz, the checkpoint at "
+                               f"{features.sample_rate} Hz")
+    synthesis = load_audio(path, features.sample_rate)
+    # vocoder-synth writes whole mel frames: up to one hop shorter than the recording.
+    if synthesis.shape[0] + features.hop_length < length:
+        raise InputError(path, f"{synthesis.shape[0]} samples, the recording has {length}")
+    return np.pad(synthesis, (0, max(0, length - synthesis.shape[0])))[:length]
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -135,10 +171,12 @@ def summarise(rows: list[dict]) -> dict:
                              if frames else None)
     mean["voiced_both"] = voiced
     mean["frames"] = frames
-    synth_time = sum(r["synthesis_seconds"] for r in rows)
+    timed = [r for r in rows if _finite(r.get("synthesis_seconds"))]
+    synth_time = sum(r["synthesis_seconds"] for r in timed) if timed else None
     mean["synthesis_seconds"] = synth_time
     # Real-time factor as everywhere in the toolkit: synthesis time / audio duration.
-    mean["real_time_factor"] = synth_time / mean["seconds"] if mean["seconds"] > 0 else None
+    timed_audio = sum(r["seconds"] for r in timed)
+    mean["real_time_factor"] = synth_time / timed_audio if timed and timed_audio > 0 else None
     return mean
 
 
@@ -160,8 +198,10 @@ def markdown(result: dict) -> str:
              f"device {result['device']}, "
              f"sigma {'model default' if result['sigma'] is None else result['sigma']}, "
              f"{result['mean']['files']} files, {result['mean']['seconds']:.2f} s of audio, "
-             f"synthesis real-time factor {format_metric(result['mean']['real_time_factor'])}. "
-             "Lower is better for every metric.", ""]
+             + (f"synthesis read from `{result['synthesis']}`. " if result.get("synthesis")
+                else f"synthesis real-time factor "
+                     f"{format_metric(result['mean']['real_time_factor'])}. ")
+             + "Lower is better for every metric.", ""]
     header = ["file", "seconds"] + [h for _, h in shown] + ["F0 reference"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -199,6 +239,9 @@ def evaluate(cfg) -> dict:
     f0_dir = None if cfg.f0_dir is None else Path(str(cfg.f0_dir))
     if f0_dir is not None and not f0_dir.is_dir():
         raise VocoderError(f"f0_dir={f0_dir}: not a folder")
+    given = None if cfg.get("synthesis") is None else Path(str(cfg.synthesis))
+    if given is not None and not given.is_dir():
+        raise VocoderError(f"synthesis={given}: not a folder")
     files = _input_files(Path(str(cfg.input)), cfg.max_files)
 
     model = load_model(str(cfg.checkpoint), device=device)
@@ -225,15 +268,17 @@ def evaluate(cfg) -> dict:
             print(f"warning: {e}", file=sys.stderr)
             skipped.append({"file": str(path), "problem": e.problem})
             continue
-        torch.manual_seed(int(cfg.seed))  # each file's noise independent of the others
-        mel = features(torch.from_numpy(audio).to(device)).unsqueeze(0)
-        start = time.perf_counter()
-        with torch.no_grad():
-            synthesis = model.synthesize(mel, sigma=sigma)[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        synth_seconds = time.perf_counter() - start
-        synthesis = synthesis[: audio.shape[0]].float().cpu().numpy()
+        if given is None:
+            synthesis, synth_seconds = _synthesize(model, features, audio, device, sigma,
+                                                   int(cfg.seed))
+        else:
+            try:
+                synthesis = _given_synthesis(given / f"{name}.wav", features, audio.shape[0])
+            except InputError as e:
+                print(f"warning: {e}", file=sys.stderr)
+                skipped.append({"file": str(e.path), "problem": e.problem})
+                continue
+            synth_seconds = None
         bad = int((~np.isfinite(synthesis)).sum())
         if bad:
             print(f"warning: {path}: synthesis has {bad} NaN/Inf samples (set to 0/±1)",
@@ -259,6 +304,7 @@ def evaluate(cfg) -> dict:
 
     result = {
         "checkpoint": str(cfg.checkpoint),
+        "synthesis": None if given is None else str(given),
         "kind": model.kind,
         "teacher": None if teacher is None else str(cfg.teacher),
         "device": str(device),

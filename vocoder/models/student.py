@@ -233,11 +233,16 @@ class Student(Vocoder):
     * ``cond_channels``: channels of the upsampled mel, computed once and shared by all flows;
     * ``upsample_scales``, ``frame_context``: the mel upsampler (see
       :class:`~vocoder.nn.wavenet.MelUpsampler`);
+    * ``audio_scale``: the flows work in units of this typical audio amplitude, as the
+      teacher's WaveNet does: they map unit noise to ``x / audio_scale``, and the student's
+      ``x``, ``mu_tot`` are that times ``audio_scale`` (``log_sigma_tot`` gains
+      ``log(audio_scale)``), so every flow reads and writes unit-scale signals;
     * ``log_sigma_min``: floor of every flow's log-scale, and the floor at which distillation
       clamps the total log-scale;
-    * ``log_sigma_init``: total log-scale at initialisation, spread evenly over the flows'
-      output biases (the last 1x1 of each flow starts at zero, so every flow starts as
-      ``z -> z * exp(log_sigma_init / K)``: the identity for 0.0);
+    * ``log_sigma_init``: the flows' total log-scale at initialisation, spread evenly over
+      their output biases (the last 1x1 of each flow starts at zero, so every flow starts as
+      ``z -> z * exp(log_sigma_init / K)``: the identity for 0.0, and the student as
+      ``x = audio_scale * z``);
     * ``weight_norm``: weight-normalise the WaveNets while training (removed for inference).
     """
 
@@ -248,9 +253,11 @@ class Student(Vocoder):
                  residual_channels: int = 64, gate_channels: int = 128, skip_channels: int = 64,
                  kernel_size: int = 3, cond_channels: int = 80,
                  upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
-                 log_sigma_min: float = -7.0, log_sigma_init: float = 0.0,
-                 weight_norm: bool = False):
+                 audio_scale: float = 0.1, log_sigma_min: float = -7.0,
+                 log_sigma_init: float = 0.0, weight_norm: bool = False):
         super().__init__(n_mels, hop_length)
+        if not audio_scale > 0:
+            raise ValueError(f"audio_scale must be positive, got {audio_scale}")
         flow_layers = [int(n) for n in flow_layers]
         if not flow_layers or min(flow_layers) < 1:
             raise ValueError(f"flow_layers must list positive depths, got {flow_layers}")
@@ -268,13 +275,15 @@ class Student(Vocoder):
         with torch.no_grad():
             for flow in self.flows:
                 flow.head[-1].bias[1] = float(log_sigma_init) / len(flow_layers)
+        self.audio_scale = float(audio_scale)
         self.log_sigma_min = float(log_sigma_min)
         self._arch = dict(
             flow_layers=flow_layers, cycle_length=cycle_length,
             residual_channels=residual_channels, gate_channels=gate_channels,
             skip_channels=skip_channels, kernel_size=kernel_size, cond_channels=cond_channels,
             upsample_scales=list(self.upsampler.scales), frame_context=frame_context,
-            log_sigma_min=self.log_sigma_min, log_sigma_init=float(log_sigma_init),
+            audio_scale=self.audio_scale, log_sigma_min=self.log_sigma_min,
+            log_sigma_init=float(log_sigma_init),
             weight_norm=weight_norm,
         )
         self._lean: tuple[tuple, list[LeanFlow]] | None = None
@@ -318,7 +327,8 @@ class Student(Vocoder):
             out = flow(F.pad(h, (1, -1)).unsqueeze(1), cond).to(z.dtype)
             h, mu_tot, log_sigma_tot = self._flow_step(mu_tot, log_sigma_tot, z,
                                                        out.unbind(1))
-        return h, mu_tot, log_sigma_tot
+        scale = self.audio_scale
+        return h * scale, mu_tot * scale, log_sigma_tot + math.log(scale)
 
     def _lean_flows(self, device: torch.device, dtype: torch.dtype) -> list[LeanFlow]:
         # Baked once per set of weights: any in-place update, load or move changes the key.
@@ -353,7 +363,7 @@ class Student(Vocoder):
         for flow in flows:
             h, mu_tot, log_sigma_tot = self._flow_step(mu_tot, log_sigma_tot, z,
                                                        flow(h, work).unbind(-1))
-        return h
+        return h.mul_(self.audio_scale)
 
     def log_prob_of_sample(self, z: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
         """The sample ``x [B, T]`` that noise ``z [B, T]`` maps to, and its exact log-density

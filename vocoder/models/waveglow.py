@@ -36,7 +36,12 @@ QUANTISATION_STEP = 2.0 / 2**16
 
 
 class WaveGlow(Vocoder):
-    """WaveGlow flow vocoder; trained by maximum likelihood, sampled with ``sigma`` ~ 0.6."""
+    """WaveGlow flow vocoder; trained by maximum likelihood, sampled with ``sigma`` ~ 0.6.
+
+    ``audio_scale`` (0.1 here, 1.0 for NVIDIA's published models) divides the audio before the
+    flow and multiplies it back after the inverse, so the couplings see unit-scale signals as
+    the teacher's and student's WaveNets do; its log enters the log-determinant.
+    """
 
     kind = "waveglow"
 
@@ -44,8 +49,11 @@ class WaveGlow(Vocoder):
                  n_early_every: int = 4, n_early_size: int = 2, n_layers: int = 8,
                  n_channels: int = 256, kernel_size: int = 3, invconv: str = "plain",
                  upsample_kernel: int | None = None, sigma: float = 0.6,
-                 train_sigma: float = 1.0, weight_norm: bool = True):
+                 train_sigma: float = 1.0, weight_norm: bool = True,
+                 audio_scale: float = 0.1):
         super().__init__(n_mels, hop_length)
+        if not audio_scale > 0:
+            raise ValueError(f"audio_scale must be positive, got {audio_scale}")
         upsample_kernel = 4 * hop_length if upsample_kernel is None else int(upsample_kernel)
         if n_group < 2 or n_group % 2 or hop_length % n_group:
             raise ValueError(f"n_group must be even and divide hop_length {hop_length}, "
@@ -62,6 +70,7 @@ class WaveGlow(Vocoder):
         self.n_layers, self.n_channels, self.kernel_size = n_layers, n_channels, kernel_size
         self.invconv, self.upsample_kernel = invconv, upsample_kernel
         self.sigma, self.train_sigma, self.weight_norm = sigma, train_sigma, weight_norm
+        self.audio_scale = float(audio_scale)
 
         self.flow_channels: list[int] = []
         remaining = n_group
@@ -86,7 +95,8 @@ class WaveGlow(Vocoder):
                     n_layers=self.n_layers, n_channels=self.n_channels,
                     kernel_size=self.kernel_size, invconv=self.invconv,
                     upsample_kernel=self.upsample_kernel, sigma=self.sigma,
-                    train_sigma=self.train_sigma, weight_norm=self.weight_norm)
+                    train_sigma=self.train_sigma, weight_norm=self.weight_norm,
+                    audio_scale=self.audio_scale)
 
     def _emits_early(self, k: int) -> bool:
         return self.n_early_size > 0 and k > 0 and k % self.n_early_every == 0
@@ -125,9 +135,9 @@ class WaveGlow(Vocoder):
     def encode(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
         """``audio [B, T]`` -> ``(z [B, T], log_det [B])``: the flow's latent (layout in the
         module docstring) and ``log|det dz/daudio|`` in nats."""
-        x = self._squeeze(audio)
+        x = self._squeeze(audio) * (1.0 / self.audio_scale)
         cond = self.conditioning(mel, audio.shape[1])
-        early, log_det = [], 0.0
+        early, log_det = [], -audio.shape[1] * math.log(self.audio_scale)
         for k, (invconv, coupling) in enumerate(zip(self.invconvs, self.couplings,
                                                     strict=True)):
             if self._emits_early(k):
@@ -150,7 +160,7 @@ class WaveGlow(Vocoder):
             if self._emits_early(k):
                 start -= self.n_early_size
                 x = torch.cat([zs[:, start:start + self.n_early_size], x], dim=1)
-        return self._unsqueeze(x)
+        return self._unsqueeze(x) * self.audio_scale
 
     def log_prob(self, audio: Tensor, mel: Tensor, sigma: float = 1.0) -> Tensor:
         """``log p(audio | mel)`` in nats per utterance ``[B]``, with ``z ~ N(0, sigma^2)``."""

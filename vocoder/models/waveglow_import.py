@@ -435,7 +435,7 @@ def convert_nvidia_state_dict(state: dict[str, Tensor],
     arch = dict(n_flows=len(channels), n_group=channels[0], n_early_every=n_early_every,
                 n_early_size=n_early_size, n_layers=n_layers, n_channels=n_channels,
                 kernel_size=kernel_size, invconv="plain", upsample_kernel=upsample_kernel,
-                weight_norm=weight_norm)
+                weight_norm=weight_norm, audio_scale=1.0)
     try:
         model = WaveGlow(n_mels, hop_length, **arch)
     except ValueError as e:
