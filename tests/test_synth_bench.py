@@ -131,6 +131,19 @@ def test_bench_cli_writes_json_table_and_chart(tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_without_audio_scale_loads_as_raw_amplitude(kind):
+    """Checkpoints from before audio_scale existed were trained on raw amplitudes (1.0)."""
+    from vocoder.models import model_from_checkpoint
+
+    fe = MelFrontEnd.from_preset("tacotron2")
+    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    ckpt = make_checkpoint(model, fe.config.to_dict())
+    assert model_from_checkpoint(ckpt).audio_scale == model.audio_scale == 0.1
+    del ckpt["arch"]["audio_scale"]
+    assert model_from_checkpoint(ckpt).audio_scale == 1.0
+
+
 @pytest.mark.parametrize("kind", ["student", "waveglow"])
 def test_precision_check_measures_distance_to_fp32(kind):
     """Same mel and noise: fp32 against itself is exactly zero, bf16 (8 significant bits) is

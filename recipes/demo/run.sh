@@ -27,7 +27,7 @@ exp=${exp:-exp/demo-$size}
 if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 
 case $size in
-  demo) teacher_steps=600;  student_steps=250; waveglow_steps=300;  n_utt=300 ;;
+  demo) teacher_steps=800;  student_steps=250; waveglow_steps=400;  n_utt=300 ;;
   ci)   teacher_steps=40;   student_steps=20;  waveglow_steps=40;   n_utt=40 ;;
   *) echo "unknown --size $size (demo or ci)" >&2; exit 2 ;;
 esac

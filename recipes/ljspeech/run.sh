@@ -72,10 +72,11 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
 fi
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
   for m in student waveglow teacher; do
-    limit=null
-    if [ $m = teacher ]; then limit=10; fi
+    # Student and WaveGlow: score stage 4's wavs; the teacher synthesises its 10 files here.
+    limit=null; given=synthesis=$exp/synth/$m
+    if [ $m = teacher ]; then limit=10; given=""; fi
     run $py -m vocoder.cli.eval checkpoint=$exp/$m/checkpoints/best.pt input=$exp/test_audio \
-      output=$exp/eval/$m device=$device max_files=$limit
+      output=$exp/eval/$m device=$device max_files=$limit $given
   done
   run $py -m vocoder.cli.report exp=$exp
 fi

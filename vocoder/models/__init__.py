@@ -30,7 +30,10 @@ def build_model(kind: str, n_mels: int, hop_length: int, arch: dict | None = Non
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> Vocoder:
     """Rebuild the model a checkpoint dict describes (EMA weights when present)."""
-    model = build_model(ckpt["kind"], ckpt["n_mels"], ckpt["hop_length"], ckpt["arch"])
+    arch = dict(ckpt["arch"])
+    # Checkpoints written before audio_scale existed hold models of raw amplitudes.
+    arch.setdefault("audio_scale", 1.0)
+    model = build_model(ckpt["kind"], ckpt["n_mels"], ckpt["hop_length"], arch)
     state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     return model
