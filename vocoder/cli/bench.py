@@ -25,8 +25,13 @@ def _ratio(rows, a, b, key="samples_per_s"):
 def main(cfg) -> None:
     import torch
 
-    from vocoder.bench import (bar_chart, benchmark_model, environment, markdown_table,
-                               precision_check)
+    from vocoder.bench import (
+        bar_chart,
+        benchmark_model,
+        environment,
+        markdown_table,
+        precision_check,
+    )
     from vocoder.features import MelFrontEnd
     from vocoder.models import build_model, load_model
     from vocoder.synthesis import DTYPES

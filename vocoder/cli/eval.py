@@ -10,10 +10,11 @@ input) is scored instead. Writes::
     DIR/wavs/<name>.wav  the synthesised audio, as long as its reference
     DIR/report.html    with report=true (audio players and mel pictures)
 
-Options: ``synthesis=DIR``, ``device=cpu|cuda|auto``, ``sigma=S``, ``max_files=N``, ``f0_dir=DIR`` (true F0
-contours ``<stem>.npy``, e.g. the demo corpus cache's ``f0/``), ``teacher=CKPT`` (NLL of the
-synthesis under a teacher), ``report=true``. An unreadable file is one ``warning:`` line and
-is skipped; when none can be read the command fails with ``error:`` and exit code 2.
+Options: ``synthesis=DIR``, ``device=cpu|cuda|auto``, ``sigma=S``, ``max_files=N``,
+``f0_dir=DIR`` (true F0 contours ``<stem>.npy``, e.g. the demo corpus cache's ``f0/``),
+``teacher=CKPT`` (NLL of the synthesis under a teacher), ``report=true``. An unreadable file
+(or a missing synthesised one) is one ``warning:`` line and is skipped; when none can be read
+the command fails with ``error:`` and exit code 2.
 """
 
 from __future__ import annotations
