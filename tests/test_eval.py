@@ -132,6 +132,19 @@ def test_eval_scores_given_synthesis_without_running_the_model(setup, tmp_path):
     assert metrics["synthesis"] == str(given)
 
 
+def test_eval_given_synthesis_that_cannot_be_decoded_is_one_line(setup, tmp_path):
+    root, checkpoints, inputs, _ = setup
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "low.wav").write_bytes(b"RIFF\x00\x00not a wave file either")
+    result = run_eval(f"checkpoint={next(iter(checkpoints.values()))}", f"input={inputs}",
+                      f"output={tmp_path / 'out'}", f"synthesis={given}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert any("low.wav" in line and "cannot decode" in line for line in lines)
+    assert lines[-1].startswith("error:") and "Traceback" not in result.stderr
+
+
 def test_eval_without_a_readable_file_fails_in_one_line(setup, tmp_path):
     root, checkpoints, _, _ = setup
     (tmp_path / "in").mkdir()

@@ -140,11 +140,11 @@ def _given_synthesis(path: Path, features, length: int) -> np.ndarray:
 
     if not path.is_file():
         raise InputError(path, "no synthesised file of this name")
+    synthesis = load_audio(path, features.sample_rate)  # InputError for undecodable files
     rate = sf.info(str(path)).samplerate
     if rate != features.sample_rate:
         raise InputError(path, f"sampled at {rate} Hz, the checkpoint at "
                                f"{features.sample_rate} Hz")
-    synthesis = load_audio(path, features.sample_rate)
     # vocoder-synth writes whole mel frames: up to one hop shorter than the recording.
     if synthesis.shape[0] + features.hop_length < length:
         raise InputError(path, f"{synthesis.shape[0]} samples, the recording has {length}")
