@@ -149,3 +149,41 @@ def test_registry_rebuild_and_synthesize():
     assert audio.shape == (1, 3 * HOP) and torch.isfinite(audio).all()
     z = torch.zeros(1, 3 * HOP, dtype=DTYPE)
     torch.testing.assert_close(rebuilt.sample(mel, z), teacher.sample(mel, z))
+
+
+def test_chunked_sampling_replaying_whole_chunks_matches_naive(monkeypatch):
+    # What a CUDA graph does, run eagerly: every chunk (the short last one too) replays all
+    # `steps` steps of the recorded sequence on the same buffers and views. The chunk length is one
+    # period of the tap buffers, so the partial last chunk and the phase of every later chunk
+    # are exercised.
+    from types import SimpleNamespace
+
+    import vocoder.models.teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "_TERMS_BUDGET", 1)
+    teacher = tiny_teacher()
+    _, mel = random_inputs(batch=2, frames=5)
+    z = torch.randn(2, 5 * HOP, dtype=DTYPE)
+    chunks = teacher_module._SamplingChunks(teacher, 2)
+    assert chunks.steps == chunks.stepper.period == 12
+    assert z.shape[-1] % chunks.steps != 0
+
+    def replay():
+        # A graph replays the views recorded at capture, which began at phase 0.
+        for taps in chunks.stepper.taps:
+            taps._t = 0
+        chunks._steps(chunks.steps)
+
+    chunks.graph = SimpleNamespace(replay=replay)
+    monkeypatch.setattr(Teacher, "_sampling_chunks", lambda self, batch, cuda_graph: chunks)
+    expected = teacher._sample_naive(mel, z)
+    torch.testing.assert_close(teacher.sample(mel, z), expected)
+    # The same chunks again from time 0: start() clears the history.
+    torch.testing.assert_close(teacher.sample(mel, z), expected)
+
+
+def test_cuda_graph_needs_cuda():
+    teacher = tiny_teacher()
+    _, mel = random_inputs(batch=1, frames=2)
+    with pytest.raises(ValueError, match="CUDA"):
+        teacher.sample(mel, cuda_graph=True)

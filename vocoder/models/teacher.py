@@ -10,6 +10,7 @@ one cached WaveNet step per sample.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,9 @@ LOG_2PI = math.log(2 * math.pi)
 QUANTISATION_STEP = 1.0 / 32768
 # Elements of per-layer conditioning computed ahead of the sampling loop at a time.
 _TERMS_BUDGET = 1 << 22
+# Captured CUDA-graph samplers, one per teacher (outside the module, so that copying or
+# saving a teacher never touches a graph).
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gaussian_log_prob(x: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
@@ -146,49 +150,53 @@ class Teacher(Vocoder):
         return z.to(mel)
 
     @torch.no_grad()
-    def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0) -> Tensor:
+    def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0,
+               cuda_graph: bool | None = None) -> Tensor:
         """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]``, one sample at a time.
 
         ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
         deterministic), scaled by the temperature ``sigma``. The mel is upsampled once, and
-        every layer's conditioning is projected ahead, one matrix product per block of steps
+        every layer's conditioning is projected ahead, one matrix product per chunk of steps
         (for the whole utterance at once it would take ``n_layers * gate_channels`` floats per
         sample, half a gigabyte per second of audio at paper size); each step then runs the
         cached WaveNet (:class:`~vocoder.nn.wavenet.IncrementalStack`) on the previous sample.
+
+        ``cuda_graph`` (default: on for CUDA inputs) records one chunk's kernel sequence as a
+        CUDA graph and replays it for every chunk (see :class:`_SamplingChunks`); the graph
+        is kept for further calls with the same batch, device, dtype and unchanged weights.
         """
         mel = mel.to(self.wavenet.input.weight)
         noise = self._noise(mel, z)
         batch, length = noise.shape
         cond = self._conditioning(mel, length)
-        stepper = IncrementalStack(self.wavenet, batch)
-        # The audio-unit scaling of forward(), folded into new copies of the stepper's input
-        # and output matrices (the baked ones may share memory with the parameters).
-        scale = self.audio_scale
-        out_scale = torch.ones_like(stepper.output_bias)
-        out_scale[0] = scale
-        out_shift = torch.zeros_like(stepper.output_bias)
-        out_shift[1] = math.log(scale)
-        stepper.input_weight = stepper.input_weight / scale
-        stepper.output_weight = stepper.output_weight * out_scale
-        stepper.output_bias = stepper.output_bias * out_scale + out_shift
-        # Time-major [T, B, 1], so iterating yields each step's [B, 1] views without copies.
+        if cuda_graph is None:
+            cuda_graph = mel.is_cuda
+        if cuda_graph and not mel.is_cuda:
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        chunks = self._sampling_chunks(batch, cuda_graph)
+        # Time-major [T, B, 1], so each step's noise and output are [B, 1] views.
         noise = (noise * sigma).t().contiguous().unsqueeze(-1)
         x = torch.empty_like(noise)
-        previous = torch.zeros_like(noise[0])
-        scale = torch.empty_like(previous)
-        mu, log_sigma = stepper.output[:, 0:1], stepper.output[:, 1:2]
-        block = max(1, _TERMS_BUDGET // (batch * self.wavenet.n_layers
-                                         * self.wavenet.gate_channels))
-        for start in range(0, length, block):
-            stop = min(start + block, length)
-            terms = stepper.conditioning_terms(cond[:, :, start:stop])
-            for terms_t, noise_t, x_t in zip(terms, noise[start:stop], x[start:stop], strict=True):
-                stepper.step(previous, terms_t)
-                torch.clamp(log_sigma, min=self.log_sigma_min, out=scale)
-                scale.exp_()
-                torch.addcmul(mu, scale, noise_t, out=x_t)
-                previous = x_t
+        chunks.start()
+        for begin in range(0, length, chunks.steps):
+            end = min(begin + chunks.steps, length)
+            chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end])
         return x.squeeze(-1).t().contiguous()
+
+    def _sampling_chunks(self, batch: int, cuda_graph: bool) -> _SamplingChunks:
+        if not cuda_graph:
+            return _SamplingChunks(self, batch)
+        params = list(self.parameters())
+        key = (batch, params[0].device, params[0].dtype, self.audio_scale,
+               tuple((p.data_ptr(), p._version) for p in params))
+        cached = _GRAPHS.get(self)
+        # The cache holds the parameters themselves, so none of them can be freed and a
+        # data pointer reused while it lives: identity, address and version pin the weights.
+        if (cached is None or cached[0] != key
+                or any(a is not b for a, b in zip(cached[1], params, strict=True))):
+            cached = (key, params, _SamplingChunks(self, batch, capture=True))
+            _GRAPHS[self] = cached
+        return cached[2]
 
     @torch.no_grad()
     def _sample_naive(self, mel: Tensor, z: Tensor) -> Tensor:
@@ -207,4 +215,103 @@ class Teacher(Vocoder):
 
     def prepare_for_inference(self) -> Teacher:
         self.wavenet.remove_weight_norm()
+        _GRAPHS.pop(self, None)
         return self
+
+
+class _SamplingChunks:
+    """The teacher's sampling loop over chunks of ``steps`` samples, through static buffers.
+
+    A chunk reads the per-layer conditioning ``terms [steps, n_layers, B, G]`` and the scaled
+    noise ``noise [steps, B, 1]`` and writes ``x [steps, B, 1]``; the last sample is carried
+    into the next chunk in ``previous [B, 1]``. ``steps`` is a multiple of the stepper's
+    :attr:`~vocoder.nn.wavenet.IncrementalStack.period`, so every chunk starts at the same
+    phase of all tap buffers and issues the same kernels on the same addresses: with
+    ``capture=True`` (CUDA) one chunk is recorded as a CUDA graph and each later chunk is one
+    replay, which removes the per-kernel launch cost (about 5 kernels per layer per sample).
+    Without capture the same Python runs eagerly, and a short last chunk runs only its own
+    steps.
+    """
+
+    def __init__(self, teacher: Teacher, batch: int, capture: bool = False):
+        # No reference to the teacher is kept: the graph cache is keyed weakly by it.
+        self.log_sigma_min = teacher.log_sigma_min
+        self.stepper = self._stepper(teacher, batch)
+        wavenet = teacher.wavenet
+        period = self.stepper.period
+        per_step = batch * wavenet.n_layers * wavenet.gate_channels
+        # A graph of about 256 steps (a few ten thousand kernels) is quick to capture; eager
+        # chunks only bound the memory of the projected conditioning.
+        periods = (-(-256 // period) if capture
+                   else max(1, _TERMS_BUDGET // (per_step * period)))
+        self.steps = period * periods
+        ref = wavenet.input.weight
+        self.terms = torch.zeros(self.steps, wavenet.n_layers, batch, wavenet.gate_channels,
+                                 device=ref.device, dtype=ref.dtype)
+        self.noise = torch.zeros(self.steps, batch, 1, device=ref.device, dtype=ref.dtype)
+        self.x = torch.zeros_like(self.noise)
+        self.previous = torch.zeros_like(self.noise[0])
+        self.scale = torch.zeros_like(self.previous)
+        self.graph = None
+        if capture:
+            self._capture()
+
+    @staticmethod
+    def _stepper(teacher: Teacher, batch: int) -> IncrementalStack:
+        stepper = IncrementalStack(teacher.wavenet, batch)
+        # The audio-unit scaling of forward(), folded into new copies of the stepper's input
+        # and output matrices (the baked ones may share memory with the parameters).
+        scale = teacher.audio_scale
+        out_scale = torch.ones_like(stepper.output_bias)
+        out_scale[0] = scale
+        out_shift = torch.zeros_like(stepper.output_bias)
+        out_shift[1] = math.log(scale)
+        stepper.input_weight = stepper.input_weight / scale
+        stepper.output_weight = stepper.output_weight * out_scale
+        stepper.output_bias = stepper.output_bias * out_scale + out_shift
+        return stepper
+
+    def _steps(self, n: int) -> None:
+        stepper, log_sigma_min, scale = self.stepper, self.log_sigma_min, self.scale
+        mu, log_sigma = stepper.output[:, 0:1], stepper.output[:, 1:2]
+        previous = self.previous
+        for terms_t, noise_t, x_t in zip(self.terms[:n], self.noise[:n], self.x[:n],
+                                         strict=True):
+            stepper.step(previous, terms_t)
+            torch.clamp(log_sigma, min=log_sigma_min, out=scale)
+            scale.exp_()
+            torch.addcmul(mu, scale, noise_t, out=x_t)
+            previous = x_t
+        self.previous.copy_(previous)
+
+    def _capture(self) -> None:
+        # Warm up (cuBLAS handles and workspaces) on a side stream, as CUDA graphs require,
+        # then record one chunk from a clean state.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._steps(self.steps)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.start()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._steps(self.steps)
+        self.start()
+
+    def start(self) -> None:
+        """Back to time 0: zero history and previous sample."""
+        self.stepper.reset()
+        self.previous.zero_()
+
+    def run(self, cond: Tensor, noise: Tensor, x: Tensor) -> None:
+        """The next chunk: ``cond [B, C_cond, n]`` upsampled mel, ``noise [n, B, 1]``, output
+        into ``x [n, B, 1]``, ``n <= steps`` (shorter only for the last chunk)."""
+        n = noise.shape[0]
+        self.terms[:n].copy_(self.stepper.conditioning_terms(cond))
+        self.noise[:n].copy_(noise)
+        if self.graph is None:
+            self._steps(n)
+        else:
+            # The whole chunk replays; steps past n only fill the unused tail.
+            self.graph.replay()
+        x.copy_(self.x[:n])

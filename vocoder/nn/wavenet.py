@@ -63,7 +63,12 @@ class TapBuffer:
                 self.buffer[:, residue, slot + k],
                 self.buffer[:, residue, slot + 1:slot + k + 1].view(batch, k * channels),
             ))
-        self._period = d * k
+        self.period = d * k
+        self._t = 0
+
+    def reset(self) -> None:
+        """Zero the history and go back to time 0 (the views stay valid)."""
+        self.buffer.zero_()
         self._t = 0
 
     def advance(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,7 +77,7 @@ class TapBuffer:
         The caller writes the new input ``[B, C]`` into ``slot`` and copies it into ``mirror``;
         ``taps [B, k * C]`` then holds this step's taps.
         """
-        views = self._phases[self._t % self._period]
+        views = self._phases[self._t % self.period]
         self._t += 1
         return views
 
@@ -367,6 +372,18 @@ class IncrementalStack:
         self.skip = zeros(batch, self.skip_weight.shape[1])
         self.hidden = torch.zeros_like(self.skip)
         self.output = zeros(batch, stack.out_channels)
+
+    @property
+    def period(self) -> int:
+        """Steps after which every tap buffer is back at the same phase (the least common
+        multiple of their ``kernel_size * dilation``): runs of this many steps from time 0
+        touch the same buffers in the same order, which a CUDA graph needs."""
+        return math.lcm(*(taps.period for taps in self.taps))
+
+    def reset(self) -> None:
+        """Back to time 0 with an all-zero history, keeping every buffer's address."""
+        for taps in self.taps:
+            taps.reset()
 
     def conditioning_terms(self, cond: Tensor) -> Tensor:
         """Per-layer gate inputs from conditioning: ``cond [B, C_cond, T]`` ->
