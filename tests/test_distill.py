@@ -120,6 +120,34 @@ def test_a_step_trains_the_student_and_leaves_the_teacher_alone():
     assert not teacher.training and student.training
 
 
+def test_mel_term_is_the_log_mel_l1_to_the_real_audio():
+    from vocoder.features import MelConfig, MelFrontEnd
+
+    features = MelFrontEnd(MelConfig(name="tiny", sample_rate=4000, n_fft=64, hop_length=HOP,
+                                     win_length=64, n_mels=N_MELS, fmax=2000.0))
+    student, teacher = _pair()
+    mel = torch.randn(2, N_MELS, 8)
+    audio = 0.1 * torch.randn(2, 8 * HOP)
+    plain = DistillationObjective(student, teacher, lambda_stft=0.0)
+    with_mel = DistillationObjective(student, teacher, lambda_stft=0.0, lambda_mel=2.0,
+                                     features=features)
+    torch.manual_seed(3)
+    loss_plain, _ = plain(audio, mel)
+    torch.manual_seed(3)
+    loss, metrics = with_mel(audio, mel)
+    torch.manual_seed(3)
+    x = distillation_pass(student, teacher, mel, torch.randn_like(audio)).x
+    expected = (features(x) - features(audio)).abs().mean().detach()
+    assert metrics["mel"] == pytest.approx(float(expected), rel=1e-5) and metrics["mel"] > 0
+    torch.testing.assert_close(loss, loss_plain + 2.0 * expected)
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    with pytest.raises(ValueError, match="front end"):
+        DistillationObjective(student, teacher, lambda_mel=1.0)
+    made = make_distill_objective(teacher, {"lambda_mel": 0.5}, features)(student)
+    assert made.lambda_mel == 0.5 and made.features is features
+
+
 def test_the_kl_reaches_the_student_through_the_teacher():
     # With the student's own totals held fixed, the KL still moves with x through the teacher.
     student, teacher = _pair()

@@ -129,9 +129,15 @@ class DistillationObjective(nn.Module):
     * ``stft``: :class:`~vocoder.losses.MultiResolutionSTFTLoss` between ``x`` and the real
       ``audio`` the mel was computed from, weight ``lambda_stft`` (not computed when the
       weight is 0);
+    * ``mel``: the mean absolute difference of the log-mel spectrograms of ``x`` and
+      ``audio`` through ``features`` (the models' own front end), weight ``lambda_mel`` (off
+      at 0). Per mel band rather than per linear-frequency bin, it weighs the low bands, where
+      formants and harmonics sit, as the ear and the quality metrics do; the STFT loss's
+      log-magnitude mean is dominated by the many bins above 2 kHz.
 
-    ``loss = mean_B(kl + lambda_logsigma * logsigma_reg) + lambda_stft * stft``. Metrics:
-    those three, ``kl_total`` (nats per utterance), ``student_log_sigma_mean`` and
+    ``loss = mean_B(kl + lambda_logsigma * logsigma_reg) + lambda_stft * stft
+    + lambda_mel * mel``. Metrics: those four (``stft``, ``mel`` only when used),
+    ``kl_total`` (nats per utterance), ``student_log_sigma_mean`` and
     ``teacher_log_sigma_mean``.
 
     The teacher's parameters are frozen and it stays in eval mode whatever mode the objective
@@ -140,8 +146,11 @@ class DistillationObjective(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, lambda_logsigma: float = 4.0,
                  lambda_stft: float = 1.0, estimator: str = "closed_form", skip: int = 0,
-                 stft_resolutions: list | None = None):
+                 stft_resolutions: list | None = None, lambda_mel: float = 0.0,
+                 features: nn.Module | None = None):
         super().__init__()
+        if lambda_mel > 0 and features is None:
+            raise ValueError("lambda_mel > 0 needs the mel front end (features)")
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
         if student.hop_length != teacher.hop_length or student.n_mels != teacher.n_mels:
@@ -160,6 +169,8 @@ class DistillationObjective(nn.Module):
 
             self.stft = (MultiResolutionSTFTLoss(stft_resolutions) if stft_resolutions
                          else MultiResolutionSTFTLoss())
+        self.lambda_mel = float(lambda_mel)
+        self.features = features if self.lambda_mel > 0 else None
 
     def train(self, mode: bool = True) -> DistillationObjective:
         super().train(mode)
@@ -187,14 +198,22 @@ class DistillationObjective(nn.Module):
             stft = self.stft(run.x, audio.to(run.x.dtype))
             loss = loss + self.lambda_stft * stft
             metrics["stft"] = float(stft.detach())
+        if self.features is not None:
+            target = audio.to(run.x.dtype)
+            with torch.no_grad():
+                target_mel = self.features(target)
+            mel = (self.features(run.x) - target_mel).abs().mean()
+            loss = loss + self.lambda_mel * mel
+            metrics["mel"] = float(mel.detach())
         return loss, metrics
 
 
-def make_distill_objective(teacher: nn.Module, dcfg: Mapping
+def make_distill_objective(teacher: nn.Module, dcfg: Mapping, features: nn.Module | None = None
                            ) -> Callable[[nn.Module], DistillationObjective]:
     """The trainer's ``make_objective`` for distilling from ``teacher`` with the options of a
-    ``distill:`` config block (``lambda_logsigma``, ``lambda_stft``, ``estimator``,
-    ``skip_receptive_field``, ``skip``, ``stft_resolutions``). With ``skip_receptive_field``
+    ``distill:`` config block (``lambda_logsigma``, ``lambda_stft``, ``lambda_mel``,
+    ``estimator``, ``skip_receptive_field``, ``skip``, ``stft_resolutions``); ``features`` is
+    the mel front end the mel loss uses. With ``skip_receptive_field``
     the first ``teacher.receptive_field`` steps of every segment, where the teacher sees the
     zero padding before the segment rather than real past audio, are left out of the KL."""
     skip = (teacher.receptive_field if dcfg.get("skip_receptive_field", False)
@@ -206,6 +225,8 @@ def make_distill_objective(teacher: nn.Module, dcfg: Mapping
         estimator=str(dcfg.get("estimator", "closed_form")),
         skip=skip,
         stft_resolutions=[list(r) for r in resolutions] if resolutions else None,
+        lambda_mel=float(dcfg.get("lambda_mel", 0.0)),
+        features=features,
     )
 
     def make(student: nn.Module) -> DistillationObjective:

@@ -61,7 +61,7 @@ def main(cfg) -> None:
     seed_everything(int(cfg.seed))
     arch = OmegaConf.to_container(cfg.arch.student, resolve=True)
     student = build_model("student", features.n_mels, features.hop_length, arch)
-    make_objective = make_distill_objective(teacher, cfg.distill)
+    make_objective = make_distill_objective(teacher, cfg.distill, features)
     objective = make_objective(student)
     _check_segments(cfg, objective, features.hop_length)
     trainer = Trainer(cfg, student, corpus, features.config.to_dict(),
