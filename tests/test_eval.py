@@ -165,10 +165,16 @@ def test_html_report_takes_any_subset_of_models(tmp_path):
     bench = tmp_path / "chart.png"
     bench.write_bytes(b"\x89PNG\r\n\x1a\n")
     metrics = {"a": {"files": [{"name": "one", "mcd_db": 3.5}], "mean": {"mcd_db": 3.5}}}
+    speed = {"rows": [{"model": "student", "device": "cpu", "dtype": "fp32", "batch": 1,
+                       "samples_per_s": 754859.2, "real_time_factor": 0.0292,
+                       "macs_per_sample": 31100.0, "fraction_of_floor": 0.28}],
+             "ratios": {"student_over_waveglow": 2.99}, "environment": {"cpu": "Test CPU"}}
     page = write_html_report(tmp_path / "report", ["one", "two"],
                              {"a": model_a, "b": tmp_path / "nowhere"}, reference,
-                             bench_png=bench, metrics=metrics)
+                             bench_png=bench, metrics=metrics, bench=speed)
     text = page.read_text()
+    assert "754,859" in text and "28%" in text and "student over waveglow: 3.0x" in text
+    assert "Test CPU" in text
     assert (tmp_path / "report" / "mels" / "reference" / "two.png").is_file()
     assert (tmp_path / "report" / "mels" / "a" / "one.png").is_file()
     assert (tmp_path / "report" / "bench.png").is_file()

@@ -32,6 +32,10 @@ def _check_outputs(exp: Path, n_test: int, models=MODELS):
     for m in models:
         assert m in html
     assert "bench.png" in html
+    # the speed table, with the measured student rate
+    assert "student over waveglow" in html
+    student = next(r for r in bench["rows"] if r["model"] == "student")
+    assert f"{student['samples_per_s']:,.0f}" in html
 
 
 def test_demo_recipe_ci_size(tmp_path):

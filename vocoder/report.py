@@ -102,7 +102,8 @@ def write_html_report(output_dir: str | os.PathLike, rows: Sequence[str | Mappin
                       bench_png: str | os.PathLike | None = None,
                       metrics: Mapping[str, Mapping] | None = None,
                       features: MelFrontEnd | None = None,
-                      title: str = "Copy-synthesis report") -> Path:
+                      title: str = "Copy-synthesis report",
+                      bench: Mapping | None = None) -> Path:
     """Write ``output_dir/report.html`` (and its pictures under ``output_dir/mels/``).
 
     * ``rows``: the utterances to show, in order: names (file stems) or per-file metric rows
@@ -116,6 +117,9 @@ def write_html_report(output_dir: str | os.PathLike, rows: Sequence[str | Mappin
     * ``metrics``: display name -> that model's ``metrics.json`` content (``files`` rows keyed
       by ``name`` and ``mean``); models without an entry show no numbers.
     * ``features``: the front end for the pictures (default: ``tacotron2`` preset).
+    * ``bench``: the content of a ``bench.json`` from ``vocoder-bench``, shown as the speed
+      table (samples per second, real-time factor, MACs per sample, share of the device's
+      matmul floor) and the student's speed ratios, above the chart.
 
     Missing or unreadable audio shows as such in its cell; it never stops the report.
     Returns the page's path.
@@ -137,12 +141,16 @@ def write_html_report(output_dir: str | os.PathLike, rows: Sequence[str | Mappin
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts.append(_summary_table(models, metrics, shown, headings))
-    if bench_png is not None and Path(bench_png).is_file():
+    has_chart = bench_png is not None and Path(bench_png).is_file()
+    if bench or has_chart:
+        parts.append("<h2>Speed</h2>")
+    if bench:
+        parts.append(_speed_table(bench))
+    if has_chart:
         target = output_dir / "bench.png"
         if Path(bench_png).resolve() != target.resolve():
             shutil.copyfile(bench_png, target)
-        parts.append("<h2>Speed</h2><img src='bench.png' alt='benchmark chart' "
-                     "style='max-width: 900px'>")
+        parts.append("<img src='bench.png' alt='benchmark chart' style='max-width: 900px'>")
     parts.append("<h2>Utterances</h2>")
     for row in rows:
         name = _row_name(row)
@@ -158,6 +166,36 @@ def write_html_report(output_dir: str | os.PathLike, rows: Sequence[str | Mappin
     page = output_dir / "report.html"
     write_text_atomic(page, "\n".join(parts))
     return page
+
+
+def _speed_table(bench: Mapping) -> str:
+    """``bench.json`` rows as a table, then its ratios and where it was measured."""
+
+    def number(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    head = ("<tr><th>model</th><th>device</th><th>dtype</th><th>batch</th><th>samples/s</th>"
+            "<th>real-time factor</th><th>MACs/sample</th><th>of the matmul floor</th></tr>")
+    body = []
+    for row in bench.get("rows", []):
+        floor = row.get("fraction_of_floor")
+        body.append(
+            f"<tr><th>{html.escape(str(row.get('model')))}</th>"
+            f"<td>{html.escape(str(row.get('device')))}</td>"
+            f"<td>{html.escape(str(row.get('dtype')))}</td>"
+            f"<td class='num'>{row.get('batch')}</td>"
+            f"<td class='num'>{number(row.get('samples_per_s'), ',.0f')}</td>"
+            f"<td class='num'>{number(row.get('real_time_factor'), '.4f')}</td>"
+            f"<td class='num'>{number(row.get('macs_per_sample'), ',.0f')}</td>"
+            f"<td class='num'>{'-' if floor is None else f'{100 * floor:.0f}%'}</td></tr>")
+    ratios = "".join(f"<li>{html.escape(key.replace('_', ' '))}: {value:.1f}x</li>"
+                     for key, value in bench.get("ratios", {}).items() if value is not None)
+    env = bench.get("environment", {})
+    machine = ", ".join(f"{label}{env[k]}" for k, label in
+                        (("gpu", ""), ("cpu", ""), ("threads", "threads: "), ("torch", "torch "))
+                        if env.get(k))
+    return (f"<table>{head}{''.join(body)}</table><ul>{ratios}</ul>"
+            + (f"<p>Measured on {html.escape(machine)}.</p>" if machine else ""))
 
 
 def _summary_table(models, metrics, shown, headings) -> str:

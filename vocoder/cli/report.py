@@ -25,10 +25,11 @@ def main(cfg) -> None:
         raise VocoderError(f"{exp}/eval: no model's metrics.json found; run the eval stage first")
     first = next(iter(metrics.values()))
     features = MelFrontEnd.from_dict(first["features"]) if "features" in first else None
-    bench = exp / "bench" / "bench.png"
+    chart, table = exp / "bench" / "bench.png", exp / "bench" / "bench.json"
+    bench = json.loads(table.read_text()) if table.is_file() else None
     page = write_html_report(exp, None, models, exp / "test_audio",
-                             bench_png=bench if bench.is_file() else None, metrics=metrics,
-                             features=features, title=str(cfg.title))
+                             bench_png=chart if chart.is_file() else None, metrics=metrics,
+                             features=features, title=str(cfg.title), bench=bench)
     print(f"report: {page}")
     for name, m in metrics.items():
         mean = m.get("mean", {})
