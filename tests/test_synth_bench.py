@@ -122,13 +122,45 @@ def test_bench_cli_writes_json_table_and_chart(tmp_path):
     assert [r["model"] for r in data["rows"]] == ["teacher", "student", "waveglow"]
     for r in data["rows"]:
         for key in ("samples_per_s", "real_time_factor", "peak_memory_mb", "parameters",
-                    "macs_per_sample", "batch", "audio_seconds"):
+                    "macs_per_sample", "bytes_per_sample", "batch", "audio_seconds"):
             assert np.isfinite(r[key]) and r[key] > 0, key
         assert len(r["times_s"]) == 2
+        # the binding floor is the lower of the arithmetic and the bandwidth one
+        assert r["floor_samples_per_s"] == min(r["matmul_floor_samples_per_s"],
+                                               r["bandwidth_floor_samples_per_s"])
     assert set(data["ratios"]) == {"student_over_teacher", "student_over_waveglow"}
     assert data["environment"]["threads"] >= 1 and data["environment"]["torch"]
     assert "| teacher |" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_byte_counter_counts_reads_and_writes_once():
+    from vocoder.bench import _ByteCounter
+
+    a, b, out = torch.ones(1000), torch.ones(1000), torch.empty(1000)
+    counter = _ByteCounter()
+    with counter.mode:
+        a + b  # reads 2 x 4000 bytes, writes 4000
+        a.view(10, 100).t()  # views move nothing
+        torch.add(a, b, out=out)  # the out= tensor is written, not read
+    assert counter.total == 2 * 12000
+
+
+def test_bytes_per_sample_invariants():
+    from vocoder.bench import count_bytes_per_sample
+
+    fe = MelFrontEnd.from_preset("tacotron2")
+    student = build_model("student", fe.n_mels, fe.hop_length, TINY["student"])
+    per_sample = count_bytes_per_sample(student)
+    # marginal bytes of a parallel pass do not depend on the length counted over...
+    assert count_bytes_per_sample(student, frames=2) == pytest.approx(per_sample, rel=0.05)
+    # ...and halve with 2-byte elements
+    assert count_bytes_per_sample(student, bytes_per_element=2) == pytest.approx(per_sample / 2)
+    teacher = build_model("teacher", fe.n_mels, fe.hop_length, TINY["teacher"])
+    # every sequential step reads the whole WaveNet's weights; a batch shares them
+    weights = 4 * sum(p.numel() for p in teacher.wavenet.parameters())
+    single, batched = count_bytes_per_sample(teacher), count_bytes_per_sample(teacher, batch=4)
+    assert single > weights and batched < single
 
 
 @pytest.mark.parametrize("kind", KINDS)

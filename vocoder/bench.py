@@ -49,6 +49,68 @@ def count_macs_per_sample(model, frames: int = 4) -> float:
     return counter.get_total_flops() / 2.0 / samples
 
 
+class _ByteCounter:
+    """Sums, over every aten op run inside it, the bytes of its tensor inputs (read) and
+    outputs (written). View ops move nothing and are skipped; an ``out=`` tensor counts as
+    written once."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                result = func(*args, **kwargs)
+                if not func.is_view:
+                    out = kwargs.get("out")
+                    read = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                            if isinstance(t, torch.Tensor) and t is not out]
+                    written = [t for t in torch.utils._pytree.tree_leaves(result)
+                               if isinstance(t, torch.Tensor)]
+                    counter.total += sum(t.numel() * t.element_size() for t in read + written)
+                return result
+
+        self.total = 0
+        self.mode = Mode()
+
+
+def count_bytes_per_sample(model, batch: int = 1, bytes_per_element: int = 4,
+                           frames: int | None = None) -> float:
+    """Memory traffic per output sample of eager synthesis at ``batch``, from the operators
+    it runs.
+
+    Every aten op of :meth:`synthesize` (on CPU, on a fresh copy, in fp32) is taken to read
+    its tensor inputs and write its outputs once; the count over ``2 * frames`` frames minus
+    the count over ``frames``, divided by the extra samples of all ``batch`` items, is the
+    marginal cost of a sample, so weights that a parallel model reads once per call drop out
+    while the teacher's per-step weight reads stay in (shared by the batch). Scaled to
+    ``bytes_per_element`` (2 for bf16/fp16). Fused or compiled kernels can move less; caches
+    can serve some of it. ``frames`` defaults to 4, and to 1 for the teacher, whose per-step
+    Python loop makes counting slow.
+    """
+    from vocoder.models import build_model
+
+    frames = frames or (1 if model.kind == "teacher" else 4)
+    key = (model.kind, model.n_mels, model.hop_length, repr(model.arch_config()), batch, frames)
+    if key not in _BYTES_CACHE:
+        fresh = build_model(model.kind, model.n_mels, model.hop_length,
+                            model.arch_config()).eval()
+        totals = []
+        for n in (frames, 2 * frames):
+            mel = torch.full((batch, model.n_mels, n), -5.0)
+            counter = _ByteCounter()
+            with torch.no_grad(), counter.mode:
+                fresh.synthesize(mel)
+            totals.append(counter.total)
+        _BYTES_CACHE[key] = (totals[1] - totals[0]) / (batch * frames * model.hop_length)
+    return _BYTES_CACHE[key] * bytes_per_element / 4
+
+
+_BYTES_CACHE: dict[tuple, float] = {}
+
+
 def time_synthesis(model, mel: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of ``repeats`` synthesis calls after ``warmup`` untimed ones."""
     device = mel.device
@@ -83,6 +145,7 @@ def benchmark_model(
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs_per_sample(model)
+    moved = count_bytes_per_sample(model, batch, bytes_per_element=DTYPES[dtype].itemsize)
     rng = np.random.default_rng(0)
     # A speech-like level of log-mel values (speed does not depend on them).
     mel = torch.from_numpy(rng.uniform(-8.0, 0.0, (batch, n_mels, frames)).astype(np.float32))
@@ -111,6 +174,7 @@ def benchmark_model(
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_max_rss",
         "parameters": params,
         "macs_per_sample": macs,
+        "bytes_per_sample": moved,
         "compiled": compile_model,
     }
 
@@ -241,15 +305,18 @@ def _maybe(value) -> str:
 def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
     lines = [
         "| model | device | dtype | batch | audio s | samples/s | RTF | peak MB | params (M) "
-        "| MACs/sample | matmul floor | of floor | rel. error vs fp32 | log-mel L1 vs fp32 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| MACs/sample | bytes/sample | matmul floor | bandwidth floor | of floor "
+        "| rel. error vs fp32 | log-mel L1 vs fp32 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['device']} | {r['dtype']} | {r['batch']} | "
             f"{r['audio_seconds']:.2f} | {r['samples_per_s']:,.0f} | {r['real_time_factor']:.4f} | "
             f"{r['peak_memory_mb']:.0f} | {r['parameters'] / 1e6:.2f} | "
-            f"{r['macs_per_sample'] / 1e3:,.1f} k | {r.get('floor_samples_per_s', 0):,.0f} | "
+            f"{r['macs_per_sample'] / 1e3:,.1f} k | {r.get('bytes_per_sample', 0) / 1e3:,.1f} kB | "
+            f"{r.get('matmul_floor_samples_per_s', 0):,.0f} | "
+            f"{r.get('bandwidth_floor_samples_per_s', 0):,.0f} | "
             f"{r.get('fraction_of_floor', 0):.0%} | {_maybe(r.get('rel_audio_error_vs_fp32'))} | "
             f"{_maybe(r.get('log_mel_l1_vs_fp32'))} |"
         )
@@ -267,7 +334,9 @@ def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
             f"{k.replace('matmul_gmacs_', 'matmul ')} {v:,.1f} "
             f"{'GB/s' if k == 'copy_gbps' else 'GMAC/s'}".replace("copy_gbps", "copy")
             for k, v in rates.items()))
-        lines.append("- floor: samples/s if the model's MACs ran at the square-matmul rate")
+        lines.append("- matmul floor: samples/s if the model's MACs ran at the square-matmul "
+                     "rate; bandwidth floor: if its eager ops' bytes moved at the copy rate; "
+                     "of floor: measured over the lower of the two")
     return "\n".join(lines) + "\n"
 
 

@@ -118,8 +118,9 @@ def write_html_report(output_dir: str | os.PathLike, rows: Sequence[str | Mappin
       by ``name`` and ``mean``); models without an entry show no numbers.
     * ``features``: the front end for the pictures (default: ``tacotron2`` preset).
     * ``bench``: the content of a ``bench.json`` from ``vocoder-bench``, shown as the speed
-      table (samples per second, real-time factor, MACs per sample, share of the device's
-      matmul floor) and the student's speed ratios, above the chart.
+      table (samples per second, real-time factor, MACs per sample, share of the binding
+      floor: the lower of the device's matmul and bandwidth floors) and the student's speed
+      ratios, above the chart.
 
     Missing or unreadable audio shows as such in its cell; it never stops the report.
     Returns the page's path.
@@ -175,7 +176,7 @@ def _speed_table(bench: Mapping) -> str:
         return "-" if value is None else format(value, fmt)
 
     head = ("<tr><th>model</th><th>device</th><th>dtype</th><th>batch</th><th>samples/s</th>"
-            "<th>real-time factor</th><th>MACs/sample</th><th>of the matmul floor</th></tr>")
+            "<th>real-time factor</th><th>MACs/sample</th><th>of the floor</th></tr>")
     body = []
     for row in bench.get("rows", []):
         floor = row.get("fraction_of_floor")

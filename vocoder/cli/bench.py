@@ -92,10 +92,19 @@ def main(cfg) -> None:
 
     rates = device_rates(device)
     for row in rows:
-        # The arithmetic floor: no faster than the device's square-matmul rate allows.
+        # The floors: no faster than the device's square-matmul rate allows for the MACs, nor
+        # than its copy bandwidth allows for the bytes the eager ops move; the lower binds.
+        floors = []
         key = f"matmul_gmacs_{row['dtype']}"
         if key in rates and row["macs_per_sample"] > 0:
-            row["floor_samples_per_s"] = rates[key] * 1e9 / row["macs_per_sample"]
+            row["matmul_floor_samples_per_s"] = rates[key] * 1e9 / row["macs_per_sample"]
+            floors.append(row["matmul_floor_samples_per_s"])
+        if rates.get("copy_gbps") and row.get("bytes_per_sample", 0) > 0:
+            row["bandwidth_floor_samples_per_s"] = (rates["copy_gbps"] * 1e9
+                                                    / row["bytes_per_sample"])
+            floors.append(row["bandwidth_floor_samples_per_s"])
+        if floors:
+            row["floor_samples_per_s"] = min(floors)
             row["fraction_of_floor"] = row["samples_per_s"] / row["floor_samples_per_s"]
     ratios = {}
     for a, b in (("student", "teacher"), ("student", "waveglow")):
