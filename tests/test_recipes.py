@@ -89,3 +89,23 @@ def test_ljspeech_recipe_on_a_fake_layout_with_debug_sizes(tmp_path):
     assert sum(s == "train" for s in splits.values()) == 12
     assert sorted(p.name for p in (exp / "test_audio").glob("*.wav")) == ["LJ001-0014.wav"]
     _check_outputs(exp, 1, models=("teacher", "student", "waveglow"))
+
+
+def test_gpu_measurement_script_runs_on_cpu_at_debug_size(tmp_path):
+    # The one-call GPU measurement (issue 9) must work the first time a GPU is lent: run it
+    # here on CPU with tiny settings and check that every part left its results.
+    out = tmp_path / "gpu"
+    env = dict(os.environ, OMP_NUM_THREADS="1", EXPERIMENT="debug", STEPS="2",
+               SECONDS_OF_AUDIO="0.1", TEACHER_SECONDS="0.02", REPEATS="1")
+    proc = subprocess.run(["bash", "recipes/gpu/run.sh", str(out)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench = json.loads((out / "bench-eager" / "bench.json").read_text())
+    assert [(r["model"], r["batch"]) for r in bench["rows"]] == [
+        (m, b) for m in MODELS for b in (1, 8)]
+    for run in ("teacher-fp32", "teacher-bf16", "student-none", "student-bf16",
+                "waveglow-bf16"):
+        rows = [json.loads(line) for line in (out / f"train-{run}" / "metrics.jsonl").open()]
+        assert any(r["kind"] == "train" and r["samples_per_s"] > 0 for r in rows), run
+    assert "training throughput" in proc.stdout
+

@@ -335,7 +335,8 @@ def markdown_table(rows: list[dict], ratios: dict, env: dict) -> str:
             f"{'GB/s' if k == 'copy_gbps' else 'GMAC/s'}".replace("copy_gbps", "copy")
             for k, v in rates.items()))
         lines.append("- matmul floor: samples/s if the model's MACs ran at the square-matmul "
-                     "rate; bandwidth floor: if its eager ops' bytes moved at the copy rate; "
+                     "rate; bandwidth floor: if its eager ops' bytes moved at the copy rate "
+                     "(cache-resident intermediates can beat it); "
                      "of floor: measured over the lower of the two")
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,9 @@
 #
 #   bash recipes/gpu/run.sh [OUT_DIR]        (default exp/gpu)
 #
+# Environment: EXPERIMENT (paper), STEPS (30 training steps per run), SECONDS_OF_AUDIO (10),
+# TEACHER_SECONDS (0.5), REPEATS (5); the tests run it on CPU at debug size with tiny values.
+#
 # Writes OUT_DIR/bench-*/bench.{json,md,png} and OUT_DIR/train-*/metrics.jsonl, and prints a
 # summary. Runs on CPU too (slowly), which is how it is tested.
 set -euo pipefail
@@ -15,16 +18,20 @@ device=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'c
 experiment=${EXPERIMENT:-paper}
 steps=${STEPS:-30}
 seconds=${SECONDS_OF_AUDIO:-10}
+teacher_seconds=${TEACHER_SECONDS:-0.5}
+repeats=${REPEATS:-5}
 echo "device $device, experiment $experiment"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 
 dtypes="[fp32,tf32,bf16,fp16]"
 if [ "$device" = cpu ]; then dtypes="[fp32]"; fi
 $py -m vocoder.cli.bench output=$out/bench-eager device=$device experiment=$experiment \
-  seconds=$seconds "batches=[1,8]" "dtypes=$dtypes" teacher_seconds=0.5
+  seconds=$seconds "batches=[1,8]" "dtypes=$dtypes" teacher_seconds=$teacher_seconds \
+  repeats=$repeats
 if [ "$device" = cuda ]; then
   $py -m vocoder.cli.bench output=$out/bench-compiled device=$device experiment=$experiment \
-    seconds=$seconds "batches=[1,8]" "dtypes=$dtypes" "models=[student,waveglow]" compile=true
+    seconds=$seconds "batches=[1,8]" "dtypes=$dtypes" "models=[student,waveglow]" compile=true \
+    repeats=$repeats
 fi
 
 common=(data=demo data.n_utterances=60 data.cache_dir=$out/data experiment=$experiment
