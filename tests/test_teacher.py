@@ -187,3 +187,23 @@ def test_cuda_graph_needs_cuda():
     _, mel = random_inputs(batch=1, frames=2)
     with pytest.raises(ValueError, match="CUDA"):
         teacher.sample(mel, cuda_graph=True)
+
+
+def test_failed_graph_capture_falls_back_to_eager_sampling(monkeypatch):
+    import vocoder.models.teacher as teacher_module
+
+    def fail(self):
+        raise RuntimeError("capture not supported here")
+
+    monkeypatch.setattr(teacher_module._SamplingChunks, "_capture", fail)
+    teacher = tiny_teacher()
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        chunks = teacher._sampling_chunks(2, cuda_graph=True)
+    assert chunks.graph is None
+    # kept for the next call with the same weights: no second warning, the same object
+    assert teacher._sampling_chunks(2, cuda_graph=True) is chunks
+    _, mel = random_inputs(batch=2, frames=3)
+    z = torch.randn(2, 3 * HOP, dtype=DTYPE)
+    monkeypatch.setattr(Teacher, "_sampling_chunks", lambda self, batch, cuda_graph: chunks)
+    torch.testing.assert_close(teacher.sample(mel, z), teacher._sample_naive(mel, z))
+

@@ -10,6 +10,7 @@ one cached WaveNet step per sample.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -194,7 +195,15 @@ class Teacher(Vocoder):
         # data pointer reused while it lives: identity, address and version pin the weights.
         if (cached is None or cached[0] != key
                 or any(a is not b for a, b in zip(cached[1], params, strict=True))):
-            cached = (key, params, _SamplingChunks(self, batch, capture=True))
+            try:
+                chunks = _SamplingChunks(self, batch, capture=True)
+            except RuntimeError as e:
+                # Sampling must not fail for want of a graph: warn once per teacher and keep
+                # the eager chunks (the same steps, launched one kernel at a time).
+                warnings.warn(f"teacher sampling: CUDA graph capture failed ({e}); "
+                              f"sampling without a graph", RuntimeWarning, stacklevel=3)
+                chunks = _SamplingChunks(self, batch)
+            cached = (key, params, chunks)
             _GRAPHS[self] = cached
         return cached[2]
 
