@@ -145,7 +145,10 @@ def test_mel_term_is_the_log_mel_l1_to_the_real_audio():
     with pytest.raises(ValueError, match="front end"):
         DistillationObjective(student, teacher, lambda_mel=1.0)
     made = make_distill_objective(teacher, {"lambda_mel": 0.5}, features)(student)
-    assert made.lambda_mel == 0.5 and made.features is features
+    assert made.lambda_mel == 0.5 and made.features is not features
+    # its own copy: moving the objective leaves the caller's front end where it was
+    made.to(torch.float64)
+    assert features.mel_basis.dtype == torch.float32
 
 
 def test_the_kl_reaches_the_student_through_the_teacher():

@@ -17,6 +17,7 @@ Shapes: ``B`` batch, ``T`` samples, ``F`` mel frames, ``T = F * hop``. KL values
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -170,7 +171,8 @@ class DistillationObjective(nn.Module):
             self.stft = (MultiResolutionSTFTLoss(stft_resolutions) if stft_resolutions
                          else MultiResolutionSTFTLoss())
         self.lambda_mel = float(lambda_mel)
-        self.features = features if self.lambda_mel > 0 else None
+        # A copy: moving the objective to its device must not move the caller's front end.
+        self.features = copy.deepcopy(features) if self.lambda_mel > 0 else None
 
     def train(self, mode: bool = True) -> DistillationObjective:
         super().train(mode)
