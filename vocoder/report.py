@@ -195,7 +195,11 @@ def _speed_table(bench: Mapping) -> str:
     machine = ", ".join(f"{label}{env[k]}" for k, label in
                         (("gpu", ""), ("cpu", ""), ("threads", "threads: "), ("torch", "torch "))
                         if env.get(k))
-    return (f"<table>{head}{''.join(body)}</table><ul>{ratios}</ul>"
+    note = ("<p>The floor is the lower of two: the model's MACs at the device's measured "
+            "matmul rate, and the bytes its eager operators read and write at the measured "
+            "copy rate. The second assumes every intermediate goes through memory, so small "
+            "inputs whose activations stay in cache can run above it (over 100%).</p>")
+    return (f"<table>{head}{''.join(body)}</table><ul>{ratios}</ul>{note}"
             + (f"<p>Measured on {html.escape(machine)}.</p>" if machine else ""))
 
 
