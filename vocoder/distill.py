@@ -196,12 +196,12 @@ class DistillationObjective(nn.Module):
             "student_log_sigma_mean": float(run.log_sigma_student.detach().mean()),
             "teacher_log_sigma_mean": float(run.log_sigma_teacher.detach().mean()),
         }
+        target = audio.to(run.x.dtype)
         if self.stft is not None:
-            stft = self.stft(run.x, audio.to(run.x.dtype))
+            stft = self.stft(run.x, target)
             loss = loss + self.lambda_stft * stft
             metrics["stft"] = float(stft.detach())
         if self.features is not None:
-            target = audio.to(run.x.dtype)
             with torch.no_grad():
                 target_mel = self.features(target)
             mel = (self.features(run.x) - target_mel).abs().mean()

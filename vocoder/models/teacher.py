@@ -316,7 +316,7 @@ class _SamplingChunks:
         """The next chunk: ``cond [B, C_cond, n]`` upsampled mel, ``noise [n, B, 1]``, output
         into ``x [n, B, 1]``, ``n <= steps`` (shorter only for the last chunk)."""
         n = noise.shape[0]
-        self.terms[:n].copy_(self.stepper.conditioning_terms(cond))
+        self.stepper.conditioning_terms(cond, out=self.terms[:n])
         self.noise[:n].copy_(noise)
         if self.graph is None:
             self._steps(n)

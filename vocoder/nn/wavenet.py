@@ -385,10 +385,10 @@ class IncrementalStack:
         for taps in self.taps:
             taps.reset()
 
-    def conditioning_terms(self, cond: Tensor) -> Tensor:
+    def conditioning_terms(self, cond: Tensor, out: Tensor | None = None) -> Tensor:
         """Per-layer gate inputs from conditioning: ``cond [B, C_cond, T]`` ->
         ``[T, n_layers, B, G]`` (each layer's 1x1 projection plus its conv bias, in the
-        stepper's internal scaling).
+        stepper's internal scaling), written into ``out`` when given.
 
         Computed ahead for a run of steps in one matrix product; item ``t`` is ``terms`` for
         :meth:`step`.
@@ -398,8 +398,8 @@ class IncrementalStack:
         batch, _, length = cond.shape
         proj = torch.addmm(self.conv_bias, cond.permute(2, 0, 1).reshape(length * batch, -1),
                            self.cond_weight)
-        return (proj.view(length, batch, self.n_layers, self.gate_channels)
-                .transpose(1, 2).contiguous())
+        terms = proj.view(length, batch, self.n_layers, self.gate_channels).transpose(1, 2)
+        return terms.contiguous() if out is None else out.copy_(terms)
 
     def step(self, x_t: Tensor, terms: Tensor | None = None) -> Tensor:
         """One time step: ``x_t [B, C_in]`` and ``terms [n_layers, B, G]`` (an item of
