@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vocoder.models import build_model
+from vocoder.models import student as student_module
 from vocoder.models.student import Student, _stretch, frames_to_samples
 
 N_MELS, HOP = 6, 16
@@ -97,7 +98,12 @@ def test_log_prob_of_sample_is_the_change_of_variables_density():
 
 @pytest.mark.parametrize("batch,frames,scales", [(1, 1, None), (1, 5, None), (1, 13, None),
                                                  (3, 4, [4, 4]), (2, 11, [2, 8])])
-def test_lean_sampling_equals_the_module_forward(batch, frames, scales):
+@pytest.mark.parametrize("block_rows", [None, HOP, 3 * HOP])
+def test_lean_sampling_equals_the_module_forward(batch, frames, scales, block_rows,
+                                                 monkeypatch):
+    # One block for all rows (as on a GPU), blocks of one hop, and blocks of three hops with
+    # a shorter last one (the layers run block by block on CPU).
+    monkeypatch.setattr(student_module, "CPU_BLOCK_ROWS", block_rows)
     model = _student(upsample_scales=scales).eval()
     z, mel = _inputs(batch, frames)
     x = model.sample(mel, z=z)

@@ -134,16 +134,62 @@ def test_bench_cli_writes_json_table_and_chart(tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
-def test_byte_counter_counts_reads_and_writes_once():
-    from vocoder.bench import _ByteCounter
+def test_op_counter_counts_bytes_once_and_macs_in_every_form():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vocoder.bench import _OpCounter
 
     a, b, out = torch.ones(1000), torch.ones(1000), torch.empty(1000)
-    counter = _ByteCounter()
+    counter = _OpCounter()
     with counter.mode:
         a + b  # reads 2 x 4000 bytes, writes 4000
         a.view(10, 100).t()  # views move nothing
         torch.add(a, b, out=out)  # the out= tensor is written, not read
-    assert counter.total == 2 * 12000
+    assert counter.bytes == 2 * 12000 and counter.macs == 0
+
+    m, k, n = torch.randn(5, 3), torch.randn(3, 7), torch.empty(5, 7)
+    batch1, batch2, blocks = torch.randn(4, 5, 3), torch.randn(4, 3, 2), torch.empty(4, 5, 2)
+    counter = _OpCounter()
+    with counter.mode:
+        n.addmm_(m, k)  # in place: 5 * 3 * 7
+        torch.baddbmm(blocks, batch1, batch2, out=blocks)  # out=: 4 * 5 * 3 * 2
+        torch.mv(m, torch.randn(3))  # 5 * 3
+    assert counter.macs == 105 + 120 + 15
+
+    # convolutions against torch's own FLOP counter (grouped, dilated, transposed)
+    x = torch.randn(2, 8, 50)
+    for conv in (torch.nn.Conv1d(8, 12, 3, dilation=2, groups=2),
+                 torch.nn.ConvTranspose1d(8, 6, 16, stride=8)):
+        counter = _OpCounter()
+        with torch.no_grad(), counter.mode, FlopCounterMode(display=False) as reference:
+            conv(x)
+        assert counter.macs == reference.get_total_flops() / 2 > 0
+
+
+def test_macs_per_sample_count_the_inference_path():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vocoder.bench import count_macs_per_sample
+
+    fe = MelFrontEnd.from_preset("tacotron2")
+    frames, samples = 4, 4 * fe.hop_length
+    mel, x = torch.full((1, fe.n_mels, frames), -5.0), 0.1 * torch.randn(1, 4 * fe.hop_length)
+
+    def training_form(model):
+        with torch.no_grad(), FlopCounterMode(display=False) as reference:
+            model.encode(x, mel) if model.kind == "waveglow" else model(x, mel)
+        return reference.get_total_flops() / 2 / samples
+
+    # WaveGlow's decode does the arithmetic of its encode (the inverse 1x1s are cached)
+    waveglow = build_model("waveglow", fe.n_mels, fe.hop_length, TINY["waveglow"]).eval()
+    assert count_macs_per_sample(waveglow) == training_form(waveglow)
+    # the student's lean flows project the mel per frame, not per sample: less arithmetic,
+    # the same amount per sample whatever the length
+    arch = {**TINY["student"], "cond_channels": 32}
+    student = build_model("student", fe.n_mels, fe.hop_length, arch).eval()
+    lean = count_macs_per_sample(student)
+    assert 0 < lean < training_form(student)
+    assert count_macs_per_sample(student, frames=8) == lean
 
 
 def test_bytes_per_sample_invariants():

@@ -4,12 +4,13 @@ Each model is warmed up, the device synchronised around every repeat, and the me
 several repeats reported. The autoregressive teacher is timed on a shorter clip and its rate
 scaled per sample (its cost per sample does not depend on the clip length).
 
-MACs per output sample are counted by torch's FLOP counter (matmuls and convolutions, the
-operations that dominate) on the parallel pass of a model of the same architecture.
+MACs and bytes per output sample are counted from the operators that synthesis runs (on a
+fresh copy of the same architecture, on CPU), as the marginal cost of one more sample.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -25,34 +26,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_macs_per_sample(model, frames: int = 4) -> float:
-    """Multiply-accumulates per output sample, from the layer shapes.
-
-    Counted by torch's FLOP counter on the parallel pass of a freshly built copy in training
-    form (teacher and student ``forward``, WaveGlow ``encode``: the same arithmetic per sample
-    as synthesis), because fused inference paths write into preallocated buffers that the
-    counter does not see.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from vocoder.models import build_model
-
-    fresh = build_model(model.kind, model.n_mels, model.hop_length, model.arch_config()).eval()
-    samples = frames * model.hop_length
-    mel = torch.full((1, model.n_mels, frames), -5.0)
-    x = 0.1 * torch.randn(1, samples)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        if model.kind == "waveglow":
-            fresh.encode(x, mel)
-        else:
-            fresh(x, mel)
-    return counter.get_total_flops() / 2.0 / samples
-
-
-class _ByteCounter:
+class _OpCounter:
     """Sums, over every aten op run inside it, the bytes of its tensor inputs (read) and
-    outputs (written). View ops move nothing and are skipped; an ``out=`` tensor counts as
-    written once."""
+    outputs (written), and the multiply-accumulates of its matrix products and convolutions.
+    View ops move nothing and are skipped; an ``out=`` tensor counts as written once."""
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,11 +46,76 @@ class _ByteCounter:
                             if isinstance(t, torch.Tensor) and t is not out]
                     written = [t for t in torch.utils._pytree.tree_leaves(result)
                                if isinstance(t, torch.Tensor)]
-                    counter.total += sum(t.numel() * t.element_size() for t in read + written)
+                    counter.bytes += sum(t.numel() * t.element_size() for t in read + written)
+                    counter.macs += _macs(func, args, result)
                 return result
 
-        self.total = 0
+        self.bytes = 0
+        self.macs = 0
         self.mode = Mode()
+
+
+def _macs(func, args, result) -> int:
+    """Multiply-accumulates of one matrix product or convolution, from its argument shapes
+    (0 for any other op). In-place and ``out=`` forms count like the plain op."""
+    name = func.overloadpacket.__name__.rstrip("_")
+    if name in ("mm", "bmm", "mv", "dot"):
+        a, b = args[0], args[1]
+    elif name in ("addmm", "baddbmm", "addmv"):
+        a, b = args[1], args[2]
+    elif name == "convolution":
+        x, weight, transposed = args[0], args[1], args[6]
+        kernel = math.prod(weight.shape[2:])
+        if transposed:  # weight [C_in, C_out / groups, *k]: each input value meets all of it
+            return x.numel() * weight.shape[1] * kernel
+        # weight [C_out, C_in / groups, *k]: each output value is a dot of C_in / groups * k
+        return result.numel() * weight.shape[1] * kernel
+    else:
+        return 0
+    # a [..., n, k] times b [..., k, m] (or b [k] for a vector product): n * k * m per batch
+    return a.numel() * (b.shape[-1] if b.dim() > 1 and name != "dot" else 1)
+
+
+def _count_per_sample(model, batch: int, frames: int) -> tuple[float, float]:
+    """(MACs, bytes) per output sample of eager :meth:`synthesize` at ``batch`` in fp32: the
+    count over ``2 * frames`` frames minus the count over ``frames``, divided by the extra
+    samples, on a fresh copy on CPU. Cached per architecture."""
+    from vocoder.models import build_model
+
+    key = (model.kind, model.n_mels, model.hop_length, repr(model.arch_config()), batch, frames)
+    if key not in _COUNT_CACHE:
+        fresh = build_model(model.kind, model.n_mels, model.hop_length,
+                            model.arch_config()).eval()
+        counts = []
+        for n in (frames, 2 * frames):
+            mel = torch.full((batch, model.n_mels, n), -5.0)
+            counter = _OpCounter()
+            with torch.no_grad(), counter.mode:
+                fresh.synthesize(mel)
+            counts.append((counter.macs, counter.bytes))
+        extra = batch * frames * model.hop_length
+        _COUNT_CACHE[key] = tuple((b - a) / extra for a, b in zip(*counts, strict=True))
+    return _COUNT_CACHE[key]
+
+
+_COUNT_CACHE: dict[tuple, tuple[float, float]] = {}
+
+
+def _default_frames(model) -> int:
+    # The teacher's per-step Python loop makes counting slow; its cost per step is constant.
+    return 1 if model.kind == "teacher" else 4
+
+
+def count_macs_per_sample(model, frames: int | None = None) -> float:
+    """Multiply-accumulates per output sample of synthesis at batch 1, as run.
+
+    Counted from the operators that :meth:`synthesize` runs (matrix products and
+    convolutions, whatever form they take: in place, ``out=``, batched), as the marginal cost
+    of one more sample, so work done once per call drops out. This is the arithmetic of the
+    inference path, which can be less than that of training: the student's lean flows apply
+    the mel projections per frame instead of per sample.
+    """
+    return _count_per_sample(model, 1, frames or _default_frames(model))[0]
 
 
 def count_bytes_per_sample(model, batch: int = 1, bytes_per_element: int = 4,
@@ -87,28 +129,10 @@ def count_bytes_per_sample(model, batch: int = 1, bytes_per_element: int = 4,
     marginal cost of a sample, so weights that a parallel model reads once per call drop out
     while the teacher's per-step weight reads stay in (shared by the batch). Scaled to
     ``bytes_per_element`` (2 for bf16/fp16). Fused or compiled kernels can move less; caches
-    can serve some of it. ``frames`` defaults to 4, and to 1 for the teacher, whose per-step
-    Python loop makes counting slow.
+    can serve some of it. ``frames`` defaults to 4, and to 1 for the teacher.
     """
-    from vocoder.models import build_model
-
-    frames = frames or (1 if model.kind == "teacher" else 4)
-    key = (model.kind, model.n_mels, model.hop_length, repr(model.arch_config()), batch, frames)
-    if key not in _BYTES_CACHE:
-        fresh = build_model(model.kind, model.n_mels, model.hop_length,
-                            model.arch_config()).eval()
-        totals = []
-        for n in (frames, 2 * frames):
-            mel = torch.full((batch, model.n_mels, n), -5.0)
-            counter = _ByteCounter()
-            with torch.no_grad(), counter.mode:
-                fresh.synthesize(mel)
-            totals.append(counter.total)
-        _BYTES_CACHE[key] = (totals[1] - totals[0]) / (batch * frames * model.hop_length)
-    return _BYTES_CACHE[key] * bytes_per_element / 4
-
-
-_BYTES_CACHE: dict[tuple, float] = {}
+    moved = _count_per_sample(model, batch, frames or _default_frames(model))[1]
+    return moved * bytes_per_element / 4
 
 
 def time_synthesis(model, mel: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[float]:

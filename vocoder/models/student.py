@@ -70,6 +70,10 @@ def frames_to_samples(upsampler: MelUpsampler, frames: int, device: torch.device
     return bands, reach
 
 
+CPU_BLOCK_ROWS = 4096
+"""Rows per block of :class:`LeanWork` on CPU."""
+
+
 class LeanFlow:
     """One flow's WaveNet baked for parallel inference.
 
@@ -136,11 +140,8 @@ class LeanFlow:
         """``h [B, T]`` (the flow's input, not yet shifted) -> ``[B, T, 2]`` (mu, unclamped
         log sigma)."""
         batch, length = h.shape
-        pad, gate_channels = work.padding, self.gate_channels
-        buffers, gate, gated, skip = work.h, work.gate, work.gated, work.skip
-        filter_half, gate_half = gate[:, :self.half], gate[:, self.half:]
-        gated_only = gated[:, :self.half]
-        blocks = gate.view(work.window_starts, -1, gate_channels)
+        pad, gate_channels, hop = work.padding, self.gate_channels, work.hop
+        buffers, skip = work.h, work.skip
         # Every layer's projection of every frame: [frame rows, n_layers * G].
         projected = torch.mm(work.frames, self.cond_weight)
         row = projected.stride(0)
@@ -150,28 +151,43 @@ class LeanFlow:
         current = 0
         for i, (bias, taps, skip_weight, residual_weight) in enumerate(self.layers):
             rows = buffers[current]
-            windows = projected.as_strided((work.window_starts, work.window, gate_channels),
-                                           (row, row, 1), start + i * gate_channels)
-            torch.baddbmm(bias, work.polyphase, windows, out=blocks)
-            for shift, weight in taps:
-                gate.addmm_(rows[pad - shift:rows.shape[0] - shift], weight)
-            gate.sigmoid_()
-            torch.addcmul(gate_half, filter_half, gate_half, value=-2.0, out=gated_only)
-            if i == 0:
-                torch.mm(gated, skip_weight, out=skip)
-            else:
-                skip.addmm_(gated, skip_weight)
-            if residual_weight is not None:
-                following = buffers[1 - current]
-                torch.addmm(rows[pad:], gated, residual_weight, beta=SQRT_HALF,
-                            out=following[pad:])
+            following = buffers[1 - current] if residual_weight is not None else None
+            # Row blocks of whole hops: every op below is local to its rows once the layer's
+            # input exists, so the gate of one block stays in cache from matmul to 1x1s.
+            for first, last in work.blocks:
+                r0, r1 = first * hop, last * hop
+                gate = work.gate[:r1 - r0]
+                windows = projected.as_strided((last - first, work.window, gate_channels),
+                                               (row, row, 1),
+                                               start + first * row + i * gate_channels)
+                torch.baddbmm(bias, work.polyphase[first:last], windows,
+                              out=gate.view(last - first, hop, gate_channels))
+                for shift, weight in taps:
+                    gate.addmm_(rows[pad - shift + r0:pad - shift + r1], weight)
+                gate.sigmoid_()
+                gated = work.gated[:r1 - r0]
+                gate_half = gate[:, self.half:]
+                torch.addcmul(gate_half, gate[:, :self.half], gate_half, value=-2.0,
+                              out=gated[:, :self.half])
+                if i == 0:
+                    torch.mm(gated, skip_weight, out=skip[r0:r1])
+                else:
+                    skip[r0:r1].addmm_(gated, skip_weight)
+                if following is not None:
+                    torch.addmm(rows[pad + r0:pad + r1], gated, residual_weight,
+                                beta=SQRT_HALF, out=following[pad + r0:pad + r1])
+            if following is not None:
                 # Rows between sequences hold junk now; they are the next sequence's padding.
                 following.view(batch, pad + length, -1)[1:, :pad].zero_()
                 current = 1 - current
         skip.relu_()
-        hidden = torch.addmm(self.hidden_bias, skip, self.hidden_weight, out=work.hidden)
-        hidden.relu_()
-        torch.addmm(self.output_bias, hidden, self.output_weight, out=work.out[pad:])
+        for first, last in work.blocks:
+            r0, r1 = first * hop, last * hop
+            hidden = torch.addmm(self.hidden_bias, skip[r0:r1], self.hidden_weight,
+                                 out=work.hidden[:r1 - r0])
+            hidden.relu_()
+            torch.addmm(self.output_bias, hidden, self.output_weight,
+                        out=work.out[pad + r0:pad + r1])
         return work.out.view(batch, pad + length, 2)[:, pad:]
 
 
@@ -184,20 +200,32 @@ class LeanWork:
     features after the upsampler's first convolution, one row per block (zero rows in the
     gaps, ``J`` more at the end) and ``polyphase [blocks, hop, 2J + 1]`` the upsampling
     weights of each computed block (zero for the gaps).
+
+    Each layer runs over ``blocks``, ranges of whole hops of about ``block_rows`` rows (all
+    rows in one range when ``None``), with the gate and the head's hidden layer in buffers
+    of one range. On CPU ranges of a few thousand rows keep a layer's intermediates in cache
+    (:data:`CPU_BLOCK_ROWS`; 19% faster for the ``paper`` student than whole sequences); on a
+    GPU one range for all rows launches the fewest kernels.
     """
 
-    def __init__(self, student: Student, flows: list[LeanFlow], mel: Tensor):
+    def __init__(self, student: Student, flows: list[LeanFlow], mel: Tensor,
+                 block_rows: int | None = -1):
         weight = student.flows[0].input.weight
         device, dtype = weight.device, weight.dtype
+        if block_rows == -1:
+            block_rows = CPU_BLOCK_ROWS if device.type == "cpu" else None
         batch, _, frames = mel.shape
-        hop = student.hop_length
+        hop = self.hop = student.hop_length
         polyphase, reach = frames_to_samples(student.upsampler, frames, device, dtype)
         pad_frames = max(reach, -(-max(flow.padding for flow in flows) // hop))
         stride = pad_frames + frames
         self.padding = pad_frames * hop
         self.window = 2 * reach + 1
-        self.window_starts = batch * stride - pad_frames
+        window_starts = batch * stride - pad_frames
         self.first_window = pad_frames - reach
+        step = window_starts if block_rows is None else max(1, block_rows // hop)
+        self.blocks = [(first, min(first + step, window_starts))
+                       for first in range(0, window_starts, step)]
         features = student.upsampler.frame_conv(mel).transpose(1, 2)
         self.frames = features.new_zeros(batch * stride + reach, features.shape[-1])
         self.frames[:batch * stride].view(batch, stride, -1)[:, pad_frames:] = features
@@ -207,17 +235,20 @@ class LeanWork:
         stack = student.flows[0]
         rows = batch * stride * hop
         computed = rows - self.padding
+        block = min(step * hop, computed)
         residual = stack.blocks[0].residual_channels
         skip = stack.head[1].in_channels
         self.h = [torch.zeros(rows, residual, device=device, dtype=dtype) for _ in range(2)]
-        self.gate = torch.empty(computed, stack.gate_channels, device=device, dtype=dtype)
-        self.gated = torch.empty(computed, stack.gate_channels // 2 + 1, device=device,
+        self.gate = torch.empty(block, stack.gate_channels, device=device, dtype=dtype)
+        self.gated = torch.empty(block, stack.gate_channels // 2 + 1, device=device,
                                  dtype=dtype)
         self.gated[:, -1] = 1.0
         self.skip = torch.empty(computed, skip, device=device, dtype=dtype)
         # The head's hidden layer runs after the last gate: it may reuse the gate's memory.
-        self.hidden = (self.gate.view(-1)[:computed * skip].view(computed, skip)
-                       if stack.gate_channels >= skip else torch.empty_like(self.skip))
+        self.hidden = (self.gate.view(-1)[:block * skip].view(block, skip)
+                       if stack.gate_channels >= skip else torch.empty(block, skip,
+                                                                        device=device,
+                                                                        dtype=dtype))
         self.out = torch.empty(rows, 2, device=device, dtype=dtype)
 
 
