@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from vocoder.flows import coupling as coupling_module
 from vocoder.flows.coupling import WN, AffineCoupling
 from vocoder.flows.invconv import make_invconv
 
@@ -77,10 +78,14 @@ def test_fresh_coupling_is_identity():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_wn_fused_inference_form_matches(batch):
+@pytest.mark.parametrize("block", [None, 1, 4])
+def test_wn_fused_inference_form_matches(batch, block, monkeypatch):
+    # One block for all time steps (as on a GPU), blocks of one step, and blocks of four with
+    # a shorter last one; the taps reach past either end of the signal (dilation 4, kernel 5).
+    monkeypatch.setattr(coupling_module, "CPU_BLOCK_COLUMNS", block)
     net = WN(2, 3, n_layers=3, n_channels=8, kernel_size=5).double()
     _random_end(net)
-    x, cond = torch.randn(batch, 2, 7, dtype=torch.float64), torch.randn(batch, 3, 7).double()
+    x, cond = torch.randn(batch, 2, 13, dtype=torch.float64), torch.randn(batch, 3, 13).double()
     with torch.no_grad():
         before = net(x, cond)
         net.fuse_for_inference()

@@ -81,18 +81,24 @@ def gated_activation(in_act: Tensor, n_channels: int) -> Tensor:
     return a.tanh_().mul_(b.sigmoid_())
 
 
-def _add_dilated_taps(out: Tensor, weight: Tensor, h: Tensor, dilation: int) -> None:
-    """``out [O, T] += conv1d(h [I, T], weight [O, I, K])`` (centred, zero padded), one GEMM
-    per tap accumulated straight into ``out``."""
+CPU_BLOCK_COLUMNS = 512
+"""Time steps per block of :meth:`WN._forward_gemm` on CPU (``None``: one block)."""
+
+
+def _add_dilated_taps(out: Tensor, weight: Tensor, h: Tensor, dilation: int,
+                      start: int = 0) -> None:
+    """``out [O, t1 - t0] += conv1d(h [I, T], weight [O, I, K])[:, t0:t1]`` (centred, zero
+    padded, ``t0 = start``), one GEMM per tap accumulated straight into ``out``."""
     n, centre = h.shape[-1], (weight.shape[-1] - 1) // 2
+    stop = start + out.shape[-1]
     for k in range(weight.shape[-1]):
         offset = (k - centre) * dilation
-        if offset == 0:
-            out.addmm_(weight[:, :, k], h)
-        elif 0 < offset < n:
-            out[:, :n - offset].addmm_(weight[:, :, k], h[:, offset:])
-        elif 0 < -offset < n:
-            out[:, -offset:].addmm_(weight[:, :, k], h[:, :n + offset])
+        # output columns t in [start, stop) read h[:, t + offset], which exists for
+        # t in [-offset, n - offset)
+        first, last = max(start, -offset), min(stop, n - offset)
+        if first < last:
+            out[:, first - start:last - start].addmm_(weight[:, :, k],
+                                                      h[:, first + offset:last + offset])
 
 
 class WN(nn.Module):
@@ -146,24 +152,44 @@ class WN(nn.Module):
         """Inference form on one item, ``[n_in, T]`` -> ``[2 n_in, T]``: every convolution is
         a GEMM (or one per tap) accumulating into its output, which on CPU beats ``conv1d``'s
         layout reorders, and the conditioning of layer ``i`` is computed right where it is
-        added."""
+        added.
+
+        On CPU each layer runs in blocks of :data:`CPU_BLOCK_COLUMNS` time steps, so a block's
+        gate stays in cache from its conditioning GEMM to the 1x1s after it; the residual then
+        goes to a second buffer, because the next blocks' taps still read the layer's input.
+        (``paper`` size on 2 cores: 5,600 -> 7,000 samples/s.)
+        """
+        n = x_a.shape[-1]
+        step = CPU_BLOCK_COLUMNS if x_a.device.type == "cpu" else None
+        step = n if step is None else step
         h = torch.addmm(self.start.bias[:, None], self.start.weight[:, :, 0], x_a)
+        following = torch.empty_like(h) if step < n else h
         cond_weight, cond_bias = self.cond_layer.weight[:, :, 0], self.cond_layer.bias[:, None]
-        width, skip = 2 * self.n_channels, None
+        width = 2 * self.n_channels
+        gate = h.new_empty(width, min(step, n))
+        skip = None
         for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers,
                                                              strict=True)):
             rows = slice(i * width, (i + 1) * width)
-            in_act = torch.addmm(cond_bias[rows], cond_weight[rows], cond)
-            _add_dilated_taps(in_act, in_layer.weight, h, in_layer.dilation[0])
-            acts = gated_activation(in_act, self.n_channels)
             weight, bias = res_skip_layer.weight[:, :, 0], res_skip_layer.bias[:, None]
             n_res = self.n_channels if i < self.n_layers - 1 else 0
-            if n_res:
-                h.addmm_(weight[:n_res], acts).add_(bias[:n_res])
             if skip is None:
-                skip = torch.addmm(bias[n_res:], weight[n_res:], acts)
-            else:
-                skip.addmm_(weight[n_res:], acts).add_(bias[n_res:])
+                skip = h.new_empty(weight.shape[0] - n_res, n)
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                in_act = torch.addmm(cond_bias[rows], cond_weight[rows], cond[:, start:stop],
+                                     out=gate[:, :stop - start])
+                _add_dilated_taps(in_act, in_layer.weight, h, in_layer.dilation[0], start)
+                acts = gated_activation(in_act, self.n_channels)
+                if n_res:
+                    torch.addmm(h[:, start:stop], weight[:n_res], acts,
+                                out=following[:, start:stop]).add_(bias[:n_res])
+                if i == 0:
+                    torch.addmm(bias[n_res:], weight[n_res:], acts, out=skip[:, start:stop])
+                else:
+                    skip[:, start:stop].addmm_(weight[n_res:], acts).add_(bias[n_res:])
+            if n_res and following is not h:
+                h, following = following, h
         return skip
 
     @torch.no_grad()
