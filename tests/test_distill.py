@@ -231,3 +231,18 @@ def test_distill_cli_writes_a_student_checkpoint(tmp_path):
     assert {"kl", "stft"} <= set(ckpt["metrics"])
     model = load_model(run_dir / "checkpoints" / "last.pt")
     assert model.synthesize(torch.randn(1, features.n_mels, 3)).shape == (1, 3 * 256)
+
+
+def test_float32_models_take_float64_inputs():
+    """Audio read by soundfile is float64: every entry point of the public surface casts it
+    to the model's dtype and gives the float32 result."""
+    student, teacher = _pair(torch.float32)
+    mel = torch.randn(2, N_MELS, 3, dtype=torch.float64)
+    z = torch.randn(2, 3 * HOP, dtype=torch.float64)
+    torch.testing.assert_close(teacher.log_prob(z, mel), teacher.log_prob(z.float(), mel.float()),
+                               rtol=0, atol=0, check_dtype=False)
+    for got, want in zip(student(z, mel), student(z.float(), mel.float()), strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    torch.testing.assert_close(kl_divergence(student, teacher, mel, z),
+                               kl_divergence(student, teacher, mel.float(), z.float()),
+                               rtol=0, atol=0, check_dtype=False)

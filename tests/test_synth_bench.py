@@ -45,7 +45,8 @@ def _run(module, *args):
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_model_synthesizes_frames_times_hop(kind, tmp_path):
     model = load_model(_checkpoint(kind, tmp_path / f"{kind}.pt"))
-    assert model.kind == kind and not model.training
+    # every submodule, those that preparing for inference built included
+    assert model.kind == kind and not any(m.training for m in model.modules())
     mel = torch.full((2, 80, 5), -6.0)
     with torch.no_grad():
         audio = model.synthesize(mel)
@@ -97,6 +98,42 @@ def test_synth_cli_mels_and_audio_with_bad_inputs(tmp_path):
     assert "log10.npy" in err and "log10" in err
     assert "broken.wav" in err and "Traceback" not in err
     assert "RTF" in proc.stdout
+
+
+def test_synth_cli_copy_synthesis_in_bf16(tmp_path):
+    """The model's front end travels with it through .to(dtype) but stays float32, so audio
+    inputs still become mels when the model runs in half precision."""
+    ckpt = _checkpoint("student", tmp_path / "student.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    t = np.arange(4000) / 16000  # another rate: resampled on the way in
+    sf.write(inputs / "tone.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+    out = tmp_path / "out"
+    proc = _run("vocoder.cli.synth", f"checkpoint={ckpt}", f"input={inputs}", f"output={out}",
+                "dtype=bf16", "progress=false")
+    assert proc.returncode == 0, proc.stderr
+    fe = MelFrontEnd.from_preset("tacotron2")
+    data, sr = sf.read(out / "tone.wav", dtype="int16")
+    assert sr == 22050 and len(data) == fe.num_frames(round(4000 * 22050 / 16000)) * 256
+
+
+def test_front_end_stays_float32_and_reads_any_float_input():
+    fe = MelFrontEnd.from_preset("tacotron2")
+    audio = 0.1 * torch.randn(3000)
+    expected = fe(audio)
+    fe.to(torch.bfloat16)
+    assert fe.mel_basis.dtype == fe.window.dtype == torch.float32
+    assert torch.equal(fe(audio.double()), expected)
+
+
+def test_check_mel_raises_values_just_below_the_floor():
+    """Predicted mels may dip under ln(1e-5); they are raised to it, not refused."""
+    fe = MelFrontEnd.from_preset("tacotron2")
+    mel = fe(0.1 * torch.randn(8000)).numpy()
+    mel[:, :5] = -12.6
+    checked = check_mel(mel, Path("predicted.npy"), fe)
+    assert checked.min() == pytest.approx(np.log(1e-5))
+    assert np.array_equal(checked[:, 5:], mel[:, 5:])
 
 
 def test_check_mel_explains_layout_and_scale():

@@ -71,7 +71,9 @@ class MelFrontEnd(nn.Module):
     ``[B, n_mels, F]``.
 
     The mel filterbank is librosa's (Slaney scale and normalisation), the window a periodic
-    Hann. Buffers follow ``.to(device)``; the module has no trainable parameters.
+    Hann. Buffers follow ``.to(device)`` but stay float32 whatever dtype the module is cast
+    to (a model cast to bf16 carries its front end along), and the input is moved to the
+    buffers' device and computed in float32; the module has no trainable parameters.
     """
 
     def __init__(self, config: MelConfig):
@@ -87,6 +89,16 @@ class MelFrontEnd(nn.Module):
         self.register_buffer(
             "window", torch.hann_window(config.win_length, periodic=True), persistent=False
         )
+
+    def _apply(self, fn, recurse=True):
+        # Follow moves, undo casts: a cast buffer is replaced by the float32 original on the
+        # new device (casting back would keep the rounding).
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = before[name].to(buffer.device)
+        return self
 
     @classmethod
     def from_preset(cls, name: str = "tacotron2") -> MelFrontEnd:
@@ -130,7 +142,7 @@ class MelFrontEnd(nn.Module):
     def magnitude(self, audio: Tensor) -> Tensor:
         """Linear STFT magnitude ``[B, n_fft // 2 + 1, F]`` of ``[B, T]`` audio."""
         c = self.config
-        x = audio.float()
+        x = audio.to(device=self.window.device, dtype=torch.float32)
         if not c.center and c.pad > 0:
             x = torch.nn.functional.pad(x.unsqueeze(1), (c.pad, c.pad), mode="reflect").squeeze(1)
         spec = torch.stft(

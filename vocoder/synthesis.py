@@ -76,7 +76,10 @@ def check_mel(mel: np.ndarray, path: Path, features) -> np.ndarray:
         raise InputError(path, "mel holds NaN or Inf values")
     floor = math.log(features.log_floor)  # ln(1e-5) = -11.51 for the common presets
     lo, hi, mean = float(mel.min()), float(mel.max()), float(mel.mean())
-    if lo < floor - 1.0 or hi > 8.0:
+    # Acoustic models' predicted mels are not clamped and can dip a little below the floor
+    # that every training mel stops at: those values are raised to it. A natural-log mel far
+    # below it (e^-19.5 is 3e-9 of full scale) is a mel in another unit.
+    if lo < floor - 8.0 or hi > 8.0:
         raise InputError(
             path,
             f"mel values span [{lo:.1f}, {hi:.1f}], outside the natural-log "
@@ -99,7 +102,7 @@ def check_mel(mel: np.ndarray, path: Path, features) -> np.ndarray:
             f"{float(mel.std()):.2f}); this checkpoint takes raw natural-log "
             f"mels: undo the normalisation first",
         )
-    return mel.astype(np.float32, copy=False)
+    return np.maximum(mel, floor).astype(np.float32, copy=False)
 
 
 def read_input(path: Path, features, log=print) -> SynthInput:
@@ -119,7 +122,7 @@ def read_input(path: Path, features, log=print) -> SynthInput:
         if len(audio) < features.min_samples():
             raise InputError(path, f"too short ({len(audio)} samples) for a mel")
         with torch.no_grad():
-            mel = features(torch.from_numpy(audio)).numpy()
+            mel = features(torch.from_numpy(audio)).cpu().numpy()
         return SynthInput(path, mel)
     raise InputError(path, "not a .npy mel or .wav/.flac audio file")
 

@@ -57,5 +57,5 @@ def load_model(path, device: str | torch.device = "cpu", use_ema: bool = True) -
                               f"({first})") from None
     model.features = MelFrontEnd.from_dict(ckpt["features"])
     model.checkpoint_path = str(path)
-    model.eval().prepare_for_inference()
-    return model.to(device)
+    # eval() after preparing: preparation builds new modules, which start in training mode.
+    return model.prepare_for_inference().eval().to(device)

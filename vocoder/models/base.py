@@ -47,6 +47,12 @@ class Vocoder(nn.Module):
         latent noise (``None`` means the model's default)."""
         raise NotImplementedError
 
+    def _in_model_dtype(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The inputs in the model's floating dtype (soundfile reads float64, say); a no-op,
+        gradient included, when they already are."""
+        dtype = next(self.parameters()).dtype
+        return tuple(t.to(dtype) for t in tensors)
+
     def prepare_for_inference(self) -> Vocoder:
         """Make inference fast (remove weight norm, cache inverses). Idempotent; returns self."""
         return self

@@ -350,6 +350,7 @@ class Student(Vocoder):
         Each flow's output is kept in ``z``'s dtype, so under autocast the WaveNets run in low
         precision while the composition of the flows stays in float32.
         """
+        z, mel = self._in_model_dtype(z, mel)
         cond = self._conditioning(mel, z.shape[-1])
         mu_tot = torch.zeros_like(z)
         log_sigma_tot = torch.zeros_like(z)

@@ -109,6 +109,7 @@ class Teacher(Vocoder):
         ``torch.clamp``: below the floor its gradient is zero, so the floor cannot be pushed
         through while the mean keeps learning.
         """
+        x, mel = self._in_model_dtype(x, mel)
         cond = self._conditioning(mel, x.shape[-1])
         shifted = F.pad(x, (1, -1)).unsqueeze(1) * (1.0 / self.audio_scale)
         out = self.wavenet(shifted, cond)
@@ -119,6 +120,7 @@ class Teacher(Vocoder):
     def log_prob(self, x: Tensor, mel: Tensor) -> Tensor:
         """``log p(x | mel)`` in nats per utterance ``[B]``: the sum over time of
         ``log N(z_t) - log_sigma_t`` with ``z = (x - mu) / sigma``."""
+        x, mel = self._in_model_dtype(x, mel)
         mu, log_sigma = self(x, mel)
         return gaussian_log_prob(x, mu, log_sigma).sum(-1)
 
