@@ -202,10 +202,11 @@ class LeanWork:
     weights of each computed block (zero for the gaps).
 
     Each layer runs over ``blocks``, ranges of whole hops of about ``block_rows`` rows (all
-    rows in one range when ``None``), with the gate and the head's hidden layer in buffers
-    of one range. On CPU ranges of a few thousand rows keep a layer's intermediates in cache
-    (:data:`CPU_BLOCK_ROWS`; 19% faster for the ``paper`` student than whole sequences); on a
-    GPU one range for all rows launches the fewest kernels.
+    rows in one range when ``None``; by default :data:`CPU_BLOCK_ROWS` on CPU and ``None``
+    elsewhere), with the gate and the head's hidden layer in buffers of one range. On CPU
+    ranges of a few thousand rows keep a layer's intermediates in cache (about 20% faster
+    for the ``paper`` student than whole sequences); on a GPU one range for all rows
+    launches the fewest kernels.
     """
 
     def __init__(self, student: Student, flows: list[LeanFlow], mel: Tensor,
