@@ -167,14 +167,14 @@ class WN(nn.Module):
         cond_weight, cond_bias = self.cond_layer.weight[:, :, 0], self.cond_layer.bias[:, None]
         width = 2 * self.n_channels
         gate = h.new_empty(width, min(step, n))
-        skip = None
+        # Every layer adds the same 2 n_in skip channels (``end`` is folded in); the last
+        # layer's 1x1 emits only those.
+        skip = h.new_empty(self.res_skip_layers[-1].weight.shape[0], n)
         for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers,
                                                              strict=True)):
             rows = slice(i * width, (i + 1) * width)
             weight, bias = res_skip_layer.weight[:, :, 0], res_skip_layer.bias[:, None]
             n_res = self.n_channels if i < self.n_layers - 1 else 0
-            if skip is None:
-                skip = h.new_empty(weight.shape[0] - n_res, n)
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 in_act = torch.addmm(cond_bias[rows], cond_weight[rows], cond[:, start:stop],

@@ -201,20 +201,17 @@ class LeanWork:
     gaps, ``J`` more at the end) and ``polyphase [blocks, hop, 2J + 1]`` the upsampling
     weights of each computed block (zero for the gaps).
 
-    Each layer runs over ``blocks``, ranges of whole hops of about ``block_rows`` rows (all
-    rows in one range when ``None``; by default :data:`CPU_BLOCK_ROWS` on CPU and ``None``
-    elsewhere), with the gate and the head's hidden layer in buffers of one range. On CPU
-    ranges of a few thousand rows keep a layer's intermediates in cache (about 20% faster
-    for the ``paper`` student than whole sequences); on a GPU one range for all rows
-    launches the fewest kernels.
+    Each layer runs over ``blocks``, ranges of whole hops of about :data:`CPU_BLOCK_ROWS`
+    rows on CPU (all rows in one range elsewhere, or when it is ``None``), with the gate and
+    the head's hidden layer in buffers of one range. On CPU ranges of a few thousand rows
+    keep a layer's intermediates in cache (about 20% faster for the ``paper`` student than
+    whole sequences); on a GPU one range for all rows launches the fewest kernels.
     """
 
-    def __init__(self, student: Student, flows: list[LeanFlow], mel: Tensor,
-                 block_rows: int | None = -1):
+    def __init__(self, student: Student, flows: list[LeanFlow], mel: Tensor):
         weight = student.flows[0].input.weight
         device, dtype = weight.device, weight.dtype
-        if block_rows == -1:
-            block_rows = CPU_BLOCK_ROWS if device.type == "cpu" else None
+        block_rows = CPU_BLOCK_ROWS if device.type == "cpu" else None
         batch, _, frames = mel.shape
         hop = self.hop = student.hop_length
         polyphase, reach = frames_to_samples(student.upsampler, frames, device, dtype)
