@@ -92,20 +92,49 @@ def test_ljspeech_recipe_on_a_fake_layout_with_debug_sizes(tmp_path):
 
 
 def test_gpu_measurement_script_runs_on_cpu_at_debug_size(tmp_path):
-    # The one-call GPU measurement (issue 9) must work the first time a GPU is lent: run it
-    # here on CPU with tiny settings and check that every part left its results.
+    # The staged GPU measurement (issue 9) must work the first time a GPU is lent: run every
+    # stage here on CPU with tiny settings and check that each left its results.
+    import tarfile
+
     out = tmp_path / "gpu"
     env = dict(os.environ, OMP_NUM_THREADS="1", EXPERIMENT="debug", STEPS="2",
-               SECONDS_OF_AUDIO="0.1", TEACHER_SECONDS="0.02", REPEATS="1")
+               SECONDS_OF_AUDIO="0.1", TEACHER_SECONDS="0.02", REPEATS="1",
+               BUNDLE=str(tmp_path / "gpu.tgz"))
     proc = subprocess.run(["bash", "recipes/gpu/run.sh", str(out)], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bench = json.loads((out / "bench-eager" / "bench.json").read_text())
     assert [(r["model"], r["batch"]) for r in bench["rows"]] == [
-        (m, b) for m in MODELS for b in (1, 8)]
+        (m, b) for m in ("student", "waveglow") for b in (1, 8)]
+    bench = json.loads((out / "bench-teacher" / "bench.json").read_text())
+    assert [(r["model"], r["batch"]) for r in bench["rows"]] == [("teacher", 1), ("teacher", 8)]
     for run in ("teacher-fp32", "teacher-bf16", "student-none", "student-bf16",
                 "waveglow-bf16"):
         rows = [json.loads(line) for line in (out / f"train-{run}" / "metrics.jsonl").open()]
         assert any(r["kind"] == "train" and r["samples_per_s"] > 0 for r in rows), run
     assert "training throughput" in proc.stdout
+    stages = (out / "stages.txt").read_text().split("\n")
+    assert [line.split()[:2] for line in stages if line] == [
+        [stage, "rc=0"] for stage in ("check", "bench", "compiled", "train")]
+    # the targets read from both bench runs (fp32 on CPU)
+    assert "student fp32, batch 1, eager" in proc.stdout
+    assert "student / teacher's cached sampling" in proc.stdout
+    with tarfile.open(tmp_path / "gpu.tgz") as tar:
+        names = tar.getnames()
+    assert "./bench-eager/bench.json" in names and "./train-student-bf16/metrics.jsonl" in names
+    assert not any(n.endswith(".pt") or "/data/" in n for n in names)
 
+
+def test_gpu_measurement_script_goes_on_after_a_stage_runs_out_of_time(tmp_path):
+    out = tmp_path / "gpu"
+    env = dict(os.environ, STAGE_LIMIT="1", EXPERIMENT="debug")
+    proc = subprocess.run(["bash", "recipes/gpu/run.sh", str(out), "train", "compiled"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 1
+    stages = (out / "stages.txt").read_text().split("\n")
+    assert [line.split()[:2] for line in stages if line] == [["train", "rc=124"],
+                                                             ["compiled", "rc=0"]]
+    assert "failed stages: train" in proc.stdout
+    proc = subprocess.run(["bash", "recipes/gpu/run.sh", str(out), "tests"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "unknown stage tests" in proc.stdout

@@ -13,12 +13,39 @@ from vocoder.cli.common import hydra_app
 from vocoder.errors import VocoderError
 
 
-def _ratio(rows, a, b, key="samples_per_s"):
-    ra = [r for r in rows if r["model"] == a]
-    rb = [r for r in rows if r["model"] == b]
-    if not ra or not rb:
-        return None
-    return ra[0][key] / rb[0][key]
+def _ratios(rows: list[dict]) -> tuple[dict, dict]:
+    """Student over teacher and over WaveGlow at every (dtype, batch, compiled) setting that
+    both were timed at (``"student_over_waveglow bf16 batch 8"``), and under the plain key
+    (``student_over_waveglow``) the first such setting, usually fp32 at the first batch."""
+    first, by_setting = {}, {}
+    for a, b in (("student", "teacher"), ("student", "waveglow")):
+        for ra in (r for r in rows if r["model"] == a):
+            setting = (ra["dtype"], ra["batch"], ra["compiled"])
+            rb = [r for r in rows if r["model"] == b
+                  and (r["dtype"], r["batch"], r["compiled"]) == setting]
+            if not rb:
+                continue
+            value = ra["samples_per_s"] / rb[0]["samples_per_s"]
+            first.setdefault(f"{a}_over_{b}", value)
+            compiled = " compiled" if ra["compiled"] else ""
+            by_setting[f"{a}_over_{b} {ra['dtype']} batch {ra['batch']}{compiled}"] = value
+    return first, by_setting
+
+
+def _add_floors(row: dict, rates: dict) -> None:
+    # The floors: no faster than the device's square-matmul rate allows for the MACs, nor than
+    # its copy bandwidth allows for the bytes the eager ops move; the lower binds.
+    floors = []
+    key = f"matmul_gmacs_{row['dtype']}"
+    if key in rates and row["macs_per_sample"] > 0:
+        row["matmul_floor_samples_per_s"] = rates[key] * 1e9 / row["macs_per_sample"]
+        floors.append(row["matmul_floor_samples_per_s"])
+    if rates.get("copy_gbps") and row.get("bytes_per_sample", 0) > 0:
+        row["bandwidth_floor_samples_per_s"] = rates["copy_gbps"] * 1e9 / row["bytes_per_sample"]
+        floors.append(row["bandwidth_floor_samples_per_s"])
+    if floors:
+        row["floor_samples_per_s"] = min(floors)
+        row["fraction_of_floor"] = row["samples_per_s"] / row["floor_samples_per_s"]
 
 
 @hydra_app("bench")
@@ -28,6 +55,7 @@ def main(cfg) -> None:
     from vocoder.bench import (
         bar_chart,
         benchmark_model,
+        device_rates,
         environment,
         markdown_table,
         precision_check,
@@ -47,7 +75,23 @@ def main(cfg) -> None:
     features = MelFrontEnd.from_preset(str(cfg.features.preset))
     out = Path(str(cfg.output))
     out.mkdir(parents=True, exist_ok=True)
+    # Rates first and results rewritten after every row, so that a run cut short (a time
+    # limit on a lent GPU) still leaves every row it finished.
+    rates = device_rates(device)
+    env = environment(device)
+    env["rates"] = rates
     rows = []
+
+    def write() -> None:
+        ratios, by_setting = _ratios(rows)
+        tmp = out / "bench.json.tmp"
+        tmp.write_text(json.dumps({"rows": rows, "ratios": ratios,
+                                   "ratios_by_setting": by_setting, "environment": env,
+                                   "experiment": str(cfg.experiment)}, indent=1))
+        tmp.replace(out / "bench.json")
+        shown = by_setting if len(by_setting) > len(ratios) else ratios
+        (out / "bench.md").write_text(markdown_table(rows, shown, env))
+
     for name in cfg.models:
         name = str(name)
         if cfg.get(name):
@@ -81,45 +125,16 @@ def main(cfg) -> None:
                     str(cfg[name]) if cfg.get(name) else f"random weights, {cfg.experiment} sizes"
                 )
                 row.update(check)
+                _add_floors(row, rates)
                 rows.append(row)
+                write()
                 print(
                     f"{name:9s} {dtype} batch {batch}: {row['samples_per_s']:,.0f} samples/s, "
                     f"RTF {row['real_time_factor']:.4f}, "
                     f"{row['macs_per_sample'] / 1e3:,.1f} kMACs/sample"
                 )
         del model
-    from vocoder.bench import device_rates
-
-    rates = device_rates(device)
-    for row in rows:
-        # The floors: no faster than the device's square-matmul rate allows for the MACs, nor
-        # than its copy bandwidth allows for the bytes the eager ops move; the lower binds.
-        floors = []
-        key = f"matmul_gmacs_{row['dtype']}"
-        if key in rates and row["macs_per_sample"] > 0:
-            row["matmul_floor_samples_per_s"] = rates[key] * 1e9 / row["macs_per_sample"]
-            floors.append(row["matmul_floor_samples_per_s"])
-        if rates.get("copy_gbps") and row.get("bytes_per_sample", 0) > 0:
-            row["bandwidth_floor_samples_per_s"] = (rates["copy_gbps"] * 1e9
-                                                    / row["bytes_per_sample"])
-            floors.append(row["bandwidth_floor_samples_per_s"])
-        if floors:
-            row["floor_samples_per_s"] = min(floors)
-            row["fraction_of_floor"] = row["samples_per_s"] / row["floor_samples_per_s"]
-    ratios = {}
-    for a, b in (("student", "teacher"), ("student", "waveglow")):
-        r = _ratio(rows, a, b)
-        if r is not None:
-            ratios[f"{a}_over_{b}"] = r
-    env = environment(device)
-    env["rates"] = rates
-    with open(out / "bench.json", "w") as f:
-        json.dump(
-            {"rows": rows, "ratios": ratios, "environment": env, "experiment": str(cfg.experiment)},
-            f,
-            indent=1,
-        )
-    (out / "bench.md").write_text(markdown_table(rows, ratios, env))
+    write()
     bar_chart(rows, out / "bench.png")
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
