@@ -80,8 +80,9 @@ def test_fresh_coupling_is_identity():
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("block", [None, 1, 4])
 def test_wn_fused_inference_form_matches(batch, block, monkeypatch):
-    # One block for all time steps (as on a GPU), blocks of one step, and blocks of four with
-    # a shorter last one; the taps reach past either end of the signal (dilation 4, kernel 5).
+    # One block for all time steps, blocks of one step, and blocks of four with a shorter last
+    # one; the taps reach past either end of the signal (dilation 4, kernel 5). The fused
+    # layers through batched convolutions (the path on CUDA and under torch.compile) too.
     monkeypatch.setattr(coupling_module, "CPU_BLOCK_COLUMNS", block)
     net = WN(2, 3, n_layers=3, n_channels=8, kernel_size=5).double()
     _random_end(net)
@@ -91,5 +92,7 @@ def test_wn_fused_inference_form_matches(batch, block, monkeypatch):
         net.fuse_for_inference()
         net.fuse_for_inference()
         after = net(x, cond)  # the GEMM path
+        convolved = net._forward_conv(x, cond)
     assert torch.allclose(after, before, atol=1e-12)
+    assert torch.allclose(convolved, before, atol=1e-12)
     assert torch.allclose(net(x, cond), before, atol=1e-12)  # the conv path, with autograd

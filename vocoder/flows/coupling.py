@@ -132,8 +132,16 @@ class WN(nn.Module):
         return isinstance(self.end, nn.Identity)
 
     def forward(self, x_a: Tensor, cond: Tensor) -> Tensor:
-        if self.fused and not torch.is_grad_enabled():
+        if (self.fused and not torch.is_grad_enabled() and x_a.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             return torch.stack([self._forward_gemm(a, c) for a, c in zip(x_a, cond, strict=True)])
+        return self._forward_conv(x_a, cond)
+
+    def _forward_conv(self, x_a: Tensor, cond: Tensor) -> Tensor:
+        """The layers as batched convolutions: training, CUDA (cuDNN, whole batch at once) and
+        ``torch.compile`` (whose graphs the in-place ``out=`` GEMMs of :meth:`_forward_gemm`
+        would break). Also valid after :meth:`fuse_for_inference`, whose layers compute the
+        same function with ``end`` folded in."""
         h = self.start(x_a)
         cond = self.cond_layer(cond)
         width = 2 * self.n_channels
@@ -149,19 +157,18 @@ class WN(nn.Module):
         return self.end(skip)
 
     def _forward_gemm(self, x_a: Tensor, cond: Tensor) -> Tensor:
-        """Inference form on one item, ``[n_in, T]`` -> ``[2 n_in, T]``: every convolution is
-        a GEMM (or one per tap) accumulating into its output, which on CPU beats ``conv1d``'s
-        layout reorders, and the conditioning of layer ``i`` is computed right where it is
-        added.
+        """CPU inference form on one item, ``[n_in, T]`` -> ``[2 n_in, T]``: every convolution
+        is a GEMM (or one per tap) accumulating into its output, which on CPU beats
+        ``conv1d``'s layout reorders, and the conditioning of layer ``i`` is computed right
+        where it is added.
 
-        On CPU each layer runs in blocks of :data:`CPU_BLOCK_COLUMNS` time steps, so a block's
+        Each layer runs in blocks of :data:`CPU_BLOCK_COLUMNS` time steps, so a block's
         gate stays in cache from its conditioning GEMM to the 1x1s after it; the residual then
         goes to a second buffer, because the next blocks' taps still read the layer's input.
         (At ``paper`` size on 2 CPU cores: a median 4% faster over 12 paired rounds.)
         """
         n = x_a.shape[-1]
-        step = CPU_BLOCK_COLUMNS if x_a.device.type == "cpu" else None
-        step = n if step is None else step
+        step = CPU_BLOCK_COLUMNS or n
         h = torch.addmm(self.start.bias[:, None], self.start.weight[:, :, 0], x_a)
         following = torch.empty_like(h) if step < n else h
         cond_weight, cond_bias = self.cond_layer.weight[:, :, 0], self.cond_layer.bias[:, None]

@@ -57,6 +57,9 @@ class _InvertibleConv(nn.Module):
     def _needs_graph(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
+    # A cache lookup keyed on data pointers: run eagerly under torch.compile, which would
+    # otherwise break the graph here and recompile it for every flow.
+    @torch.compiler.disable
     def _kernel(self, name: str, dtype: torch.dtype, device: torch.device, compute) -> Tensor:
         """``compute()`` as a ``[C, C, 1]`` kernel in ``dtype``: cached unless autograd needs it."""
         if self._needs_graph():
