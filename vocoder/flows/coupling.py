@@ -81,6 +81,21 @@ def gated_activation(in_act: Tensor, n_channels: int) -> Tensor:
     return a.tanh_().mul_(b.sigmoid_())
 
 
+def fused_gate(in_act: Tensor, n_channels: int) -> Tensor:
+    """The gate of a WN after :meth:`WN.fuse_for_inference`, in place, with one sigmoid:
+    the filter half's weights are doubled there, so with ``s = sigmoid(in_act)``,
+    ``s_b - 2 s_a s_b = (1 - 2 sigmoid(2a)) sigmoid(b) = -tanh(a) sigmoid(b)`` (one
+    ``addcmul``); the sign is folded into the 1x1s after it. In place (into the filter
+    half) when no gradient is needed."""
+    if in_act.requires_grad:
+        s = torch.sigmoid(in_act)
+        a, b = s.narrow(-2, 0, n_channels), s.narrow(-2, n_channels, n_channels)
+        return torch.addcmul(b, a, b, value=-2.0)
+    in_act.sigmoid_()
+    a, b = in_act.narrow(-2, 0, n_channels), in_act.narrow(-2, n_channels, n_channels)
+    return torch.addcmul(b, a, b, value=-2.0, out=a)
+
+
 CPU_BLOCK_COLUMNS = 512
 """Time steps per block of :meth:`WN._forward_gemm` on CPU (``None``: one block)."""
 
@@ -146,10 +161,11 @@ class WN(nn.Module):
         cond = self.cond_layer(cond)
         width = 2 * self.n_channels
         skip = None
+        gate = fused_gate if self.fused else gated_activation
         for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers,
                                                              strict=True)):
             in_act = in_layer(h) + cond[:, i * width:(i + 1) * width]
-            res_skip = res_skip_layer(gated_activation(in_act, self.n_channels))
+            res_skip = res_skip_layer(gate(in_act, self.n_channels))
             if i < self.n_layers - 1:
                 h = h + res_skip[:, :self.n_channels]
                 res_skip = res_skip[:, self.n_channels:]
@@ -187,7 +203,7 @@ class WN(nn.Module):
                 in_act = torch.addmm(cond_bias[rows], cond_weight[rows], cond[:, start:stop],
                                      out=gate[:, :stop - start])
                 _add_dilated_taps(in_act, in_layer.weight, h, in_layer.dilation[0], start)
-                acts = gated_activation(in_act, self.n_channels)
+                acts = fused_gate(in_act, self.n_channels)
                 if n_res:
                     torch.addmm(h[:, start:stop], weight[:n_res], acts,
                                 out=following[:, start:stop]).add_(bias[:n_res])
@@ -206,7 +222,10 @@ class WN(nn.Module):
         Removes weight norm; moves the ``in_layers`` biases into ``cond_layer``'s bias and
         stores their weights tap-major; and, since the skip path is linear up to ``end``, folds
         ``end`` into the skip halves of ``res_skip_layers`` (each then emits ``2 * n_in`` skip
-        channels instead of ``n_channels``) and replaces ``end`` by the identity. Afterwards
+        channels instead of ``n_channels``) and replaces ``end`` by the identity. For the
+        one-sigmoid gate (:func:`fused_gate`) the filter half of every layer's gate input
+        (its ``in_layers`` rows and ``cond_layer`` rows, bias included) is doubled and the
+        ``res_skip_layers`` weights negated. Afterwards
         :meth:`forward` without autograd runs :meth:`_forward_gemm`. The state dict changes
         layout: save checkpoints before calling this.
         """
@@ -215,13 +234,16 @@ class WN(nn.Module):
         self.start, self.cond_layer = _plain(self.start), _plain(self.cond_layer)
         self.in_layers = nn.ModuleList(map(_plain, self.in_layers))
         self.res_skip_layers = nn.ModuleList(map(_plain, self.res_skip_layers))
-        width = 2 * self.n_channels
+        width, c = 2 * self.n_channels, self.n_channels
         cond_bias = self.cond_layer.bias.double().clone()
         for i, in_layer in enumerate(self.in_layers):
             cond_bias[i * width:(i + 1) * width] += in_layer.bias.double()
+            cond_bias[i * width:i * width + c] *= 2
+            self.cond_layer.weight[i * width:i * width + c] *= 2
             in_layer.bias = None
-            # Same values; tap-major storage makes each tap's [O, I] slice contiguous.
-            w = in_layer.weight
+            # Tap-major storage makes each tap's [O, I] slice contiguous.
+            w = in_layer.weight.clone()
+            w[:c] *= 2
             in_layer.weight = nn.Parameter(w.permute(2, 0, 1).contiguous().permute(1, 2, 0))
         self.cond_layer.bias.copy_(cond_bias)
 
@@ -233,7 +255,7 @@ class WN(nn.Module):
             n_res = self.n_channels if i < self.n_layers - 1 else 0
             skip_w = end_w @ w[n_res:]
             total_skip_bias += end_w @ b[n_res:]
-            new_w = torch.cat([w[:n_res], skip_w])
+            new_w = -torch.cat([w[:n_res], skip_w])
             new_b = torch.cat([b[:n_res], torch.zeros_like(skip_w[:, 0])])
             merged = nn.Conv1d(new_w.shape[1], new_w.shape[0], 1).to(layer.weight)
             merged.weight.copy_(new_w.unsqueeze(-1))
