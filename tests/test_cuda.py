@@ -215,3 +215,30 @@ def test_vocoder_synth_on_the_device_writes_what_cpu_writes(kind, tmp_path):
     # load_model puts the model and its front end on the device
     model = load_model(ckpt, device=DEVICE)
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}
+
+
+@needs_cuda
+def test_compiled_distillation_loss_and_gradients_equal_eager():
+    # trainer.compile=true compiles this objective; random ops as in eager, so the same seed
+    # draws the same student noise in both
+    import torch._inductor.config as inductor_config
+
+    from vocoder.distill import make_distill_objective
+
+    teacher = _model("teacher").to(DEVICE).requires_grad_(False)
+    student = _model("student", inference=False).train().to(DEVICE)
+    objective = make_distill_objective(teacher, {"lambda_stft": 1.0}, FEATURES)(student)
+    mel, _ = _inputs(batch=2, frames=8)
+    mel, audio = mel.to(DEVICE), 0.1 * torch.randn(2, 8 * FEATURES.hop_length, device=DEVICE)
+    results = []
+    with inductor_config.patch(fallback_random=True):
+        for run in (objective, torch.compile(objective)):
+            student.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            loss, _ = run(audio, mel)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -11,8 +11,9 @@
 #             its CUDA graph (fp32/bf16, batches 1 and 8) -> bench-teacher/
 #   compiled  the student/WaveGlow bench with torch.compile: bf16 at batch 1 (the target's
 #             setting) -> bench-compiled/, then fp32/bf16 at batch 8 -> bench-compiled-more/
-#   train     teacher training (fp32, bf16), distillation (fp32, bf16) and WaveGlow training
-#             (bf16) throughput on the generated demo corpus -> train-*/metrics.jsonl
+#   train     teacher training (fp32, bf16), distillation (fp32, bf16, and on CUDA bf16 with
+#             trainer.compile=true) and WaveGlow training (bf16) throughput on the generated
+#             demo corpus -> train-*/metrics.jsonl
 #
 # Environment: EXPERIMENT (paper), STEPS (30 training steps per run), SECONDS_OF_AUDIO (10),
 # TEACHER_SECONDS (0.5), REPEATS (5); STAGE_LIMIT (seconds, default none) stops a stage that
@@ -76,7 +77,10 @@ bench() {
 }
 
 stage_check() {
-  $py -m pytest -p no:cacheprovider -q -o addopts="" tests/test_cuda.py -rs
+  local workers=()
+  # Four processes share the GPU: the compile tests take a minute each.
+  if [ "$device" = cuda ]; then workers=(-n 4); fi
+  $py -m pytest -p no:cacheprovider -q -o addopts="" "${workers[@]}" tests/test_cuda.py -rs
 }
 
 stage_bench() {
@@ -106,6 +110,11 @@ stage_train() {
     $py -m vocoder.cli.distill teacher=$out/train-teacher-fp32/checkpoints/last.pt \
       "${common[@]}" run_dir=$out/train-student-$amp trainer.amp=$amp || rc=1
   done
+  if [ "$device" = cuda ]; then
+    $py -m vocoder.cli.distill teacher=$out/train-teacher-fp32/checkpoints/last.pt \
+      "${common[@]}" run_dir=$out/train-student-bf16-compiled trainer.amp=bf16 \
+      trainer.compile=true || rc=1
+  fi
   $py -m vocoder.cli.train model=waveglow "${common[@]}" run_dir=$out/train-waveglow-bf16 \
     trainer.amp=bf16 || rc=1
   echo "== training throughput (audio samples/s through the whole step, last log window)"

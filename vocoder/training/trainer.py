@@ -152,6 +152,10 @@ class Trainer:
                 self.objective,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
+        if bool(self.tcfg.get("compile", False)):
+            # The loss (models' forward, and the teacher's in distillation) through
+            # torch.compile; the first steps compile. Checkpoints hold the plain modules.
+            self.train_objective = torch.compile(self.train_objective)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             params,
