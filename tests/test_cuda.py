@@ -117,7 +117,7 @@ def test_teacher_sampling_on_the_device_follows_the_cpu():
 
 
 @needs_cuda
-@pytest.mark.parametrize("batch,frames", [(1, 3), (2, 5)])
+@pytest.mark.parametrize("batch,frames", [(1, 2), (2, 5)])  # 512, 1280 steps: chunks of 384
 def test_teacher_cuda_graph_replays_the_eager_steps(batch, frames):
     import vocoder.models.teacher as teacher_module
 
@@ -211,7 +211,10 @@ def test_vocoder_synth_on_the_device_writes_what_cpu_writes(kind, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         written[device], _ = sf.read(out / "tone.wav")
     assert written["cpu"].shape == written[DEVICE.type].shape
-    assert np.abs(written["cpu"] - written[DEVICE.type]).max() <= 2 / 32768
+    # the mel computed on the device too (cuFFT), then 16-bit rounding: a few LSBs apart
+    difference = written["cpu"] - written[DEVICE.type]
+    assert np.abs(difference).max() <= 16 / 32768
+    assert np.sqrt(np.mean(difference**2)) <= 1e-2 * np.sqrt(np.mean(written["cpu"] ** 2))
     # load_model puts the model and its front end on the device
     model = load_model(ckpt, device=DEVICE)
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}

@@ -310,3 +310,23 @@ def test_synth_cli_nan_empty_and_missing_inputs(tmp_path):
                     f"input={inputs}", f"output={out}")
     assert bad_ckpt.returncode == 2 and "not a readable checkpoint" in bad_ckpt.stderr
     assert len(bad_ckpt.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["student", "waveglow"])
+def test_synthesis_traces_into_one_graph_for_torch_compile(kind):
+    # What `vocoder-bench compile=true` and users' torch.compile get: dynamo's trace of the
+    # whole synthesis (traced only, no code generated), with no graph break that would leave
+    # parts of the network to run eagerly. Batch 2 as well: in-place ops into strided views
+    # of a batch are where breaks came from.
+    fe = MelFrontEnd.from_preset("tacotron2")
+    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind]).eval().prepare_for_inference()
+    for batch in (1, 2):
+        mel = torch.full((batch, fe.n_mels, 3), -5.0)
+        with torch.no_grad():
+            model.synthesize(mel)  # the lazily built caches exist, as in the bench
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model.synthesize)(mel)
+        reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
+        assert sum(len(g.graph.nodes) for g in explained.graphs) > 50
+    torch._dynamo.reset()

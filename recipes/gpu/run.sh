@@ -84,17 +84,23 @@ stage_check() {
 }
 
 stage_bench() {
-  bench output=$out/bench-eager "dtypes=$dtypes" "batches=[1,8]" "models=[student,waveglow]" &&
-  bench output=$out/bench-teacher "dtypes=$teacher_dtypes" "batches=[1,8]" "models=[teacher]"
+  local rc=0
+  bench output=$out/bench-eager "dtypes=$dtypes" "batches=[1,8]" "models=[student,waveglow]" ||
+    rc=1
+  bench output=$out/bench-teacher "dtypes=$teacher_dtypes" "batches=[1,8]" "models=[teacher]" ||
+    rc=1
+  return $rc
 }
 
 stage_compiled() {
   if [ "$device" = cpu ]; then echo "compiled: CUDA only, skipped"; return 0; fi
   # The target setting first (bf16, batch 1), in case the stage runs out of time.
+  local rc=0
   bench output=$out/bench-compiled "dtypes=[bf16]" "batches=[1]" "models=[student,waveglow]" \
-    compile=true &&
+    compile=true || rc=1
   bench output=$out/bench-compiled-more "dtypes=$compiled_dtypes" "batches=[8]" \
-    "models=[student,waveglow]" compile=true
+    "models=[student,waveglow]" compile=true || rc=1
+  return $rc
 }
 
 stage_train() {
@@ -110,13 +116,13 @@ stage_train() {
     $py -m vocoder.cli.distill teacher=$out/train-teacher-fp32/checkpoints/last.pt \
       "${common[@]}" run_dir=$out/train-student-$amp trainer.amp=$amp || rc=1
   done
-  if [ "$device" = cuda ]; then
+  $py -m vocoder.cli.train model=waveglow "${common[@]}" run_dir=$out/train-waveglow-bf16 \
+    trainer.amp=bf16 || rc=1
+  if [ "$device" = cuda ]; then  # last: compiling forward and backward takes a while
     $py -m vocoder.cli.distill teacher=$out/train-teacher-fp32/checkpoints/last.pt \
       "${common[@]}" run_dir=$out/train-student-bf16-compiled trainer.amp=bf16 \
       trainer.compile=true || rc=1
   fi
-  $py -m vocoder.cli.train model=waveglow "${common[@]}" run_dir=$out/train-waveglow-bf16 \
-    trainer.amp=bf16 || rc=1
   echo "== training throughput (audio samples/s through the whole step, last log window)"
   for d in "$out"/train-*; do
     $py - "$d" <<'PY'

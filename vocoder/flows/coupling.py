@@ -93,6 +93,8 @@ def fused_gate(in_act: Tensor, n_channels: int) -> Tensor:
         return torch.addcmul(b, a, b, value=-2.0)
     in_act.sigmoid_()
     a, b = in_act.narrow(-2, 0, n_channels), in_act.narrow(-2, n_channels, n_channels)
+    if torch.compiler.is_compiling():  # out= into a strided view is not traceable
+        return torch.addcmul(b, a, b, value=-2.0)
     return torch.addcmul(b, a, b, value=-2.0, out=a)
 
 
@@ -225,9 +227,9 @@ class WN(nn.Module):
         channels instead of ``n_channels``) and replaces ``end`` by the identity. For the
         one-sigmoid gate (:func:`fused_gate`) the filter half of every layer's gate input
         (its ``in_layers`` rows and ``cond_layer`` rows, bias included) is doubled and the
-        ``res_skip_layers`` weights negated. Afterwards
-        :meth:`forward` without autograd runs :meth:`_forward_gemm`. The state dict changes
-        layout: save checkpoints before calling this.
+        ``res_skip_layers`` weights negated. Afterwards :meth:`forward` without autograd runs
+        :meth:`_forward_gemm` on CPU. The state dict changes layout: save checkpoints before
+        calling this.
         """
         if self.fused:
             return

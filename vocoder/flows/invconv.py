@@ -57,13 +57,16 @@ class _InvertibleConv(nn.Module):
     def _needs_graph(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
-    # A cache lookup keyed on data pointers: run eagerly under torch.compile, which would
-    # otherwise break the graph here and recompile it for every flow.
-    @torch.compiler.disable
     def _kernel(self, name: str, dtype: torch.dtype, device: torch.device, compute) -> Tensor:
-        """``compute()`` as a ``[C, C, 1]`` kernel in ``dtype``: cached unless autograd needs it."""
-        if self._needs_graph():
+        """``compute()`` as a ``[C, C, 1]`` kernel in ``dtype``: cached unless autograd needs
+        it, or computed in the graph under torch.compile (a cache keyed on data pointers
+        would break the graph at every flow; a C x C inverse per call costs nothing)."""
+        if self._needs_graph() or torch.compiler.is_compiling():
             return compute().to(dtype).unsqueeze(-1)
+        return self._cached_kernel(name, dtype, device, compute)
+
+    def _cached_kernel(self, name: str, dtype: torch.dtype, device: torch.device,
+                       compute) -> Tensor:
         key = (dtype, device, tuple((p._version, p.data_ptr()) for p in self._sources()))
         hit = self._cache.get(name)
         if hit is None or hit[0] != key:

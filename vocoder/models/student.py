@@ -370,7 +370,6 @@ class Student(Vocoder):
             self._lean = (key, [LeanFlow(flow, device, dtype) for flow in self.flows])
         return self._lean[1]
 
-    @torch.inference_mode()
     def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0) -> Tensor:
         """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]`` in one parallel pass.
 
@@ -378,6 +377,13 @@ class Student(Vocoder):
         deterministic), scaled by the temperature ``sigma``. The result is :meth:`forward`'s
         ``x`` up to rounding, computed by the lean inference path (:class:`LeanFlow`).
         """
+        # Inference mode is a little faster eagerly (no version counters); torch.compile cannot
+        # trace through it and gets no_grad.
+        context = torch.no_grad if torch.compiler.is_compiling() else torch.inference_mode
+        with context():
+            return self._sample(mel, z, sigma)
+
+    def _sample(self, mel: Tensor, z: Tensor | None, sigma: float) -> Tensor:
         weight = self.flows[0].input.weight
         mel = mel.to(weight)
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
@@ -388,6 +394,12 @@ class Student(Vocoder):
         elif tuple(z.shape) != shape:
             raise ValueError(f"z must be {list(shape)} for this mel, got {list(z.shape)}")
         z = z.to(weight) * sigma
+        if torch.compiler.is_compiling():
+            # Under torch.compile, the module forward: the lean flows' in-place ``out=``
+            # products into strided views are not traceable, and dynamo would run them
+            # eagerly. The forward does more MACs (the mel projected per sample) but is one
+            # graph for the compiler to fuse.
+            return self(z, mel)[0]
         flows = self._lean_flows(weight.device, weight.dtype)
         work = LeanWork(self, flows, mel)
         mu_tot = torch.zeros_like(z)
