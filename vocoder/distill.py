@@ -190,24 +190,27 @@ class DistillationObjective(nn.Module):
         regulariser = (log_sigma_s - log_sigma_t).square().mean(-1)
         loss = (kl + self.lambda_logsigma * regulariser).mean()
         metrics = {
-            "kl": float(kl.detach().mean()),
-            "kl_total": float(kl_total.detach().mean()),
-            "logsigma_reg": float(regulariser.detach().mean()),
-            "student_log_sigma_mean": float(run.log_sigma_student.detach().mean()),
-            "teacher_log_sigma_mean": float(run.log_sigma_teacher.detach().mean()),
+            "kl": kl.mean(),
+            "kl_total": kl_total.mean(),
+            "logsigma_reg": regulariser.mean(),
+            "student_log_sigma_mean": run.log_sigma_student.mean(),
+            "teacher_log_sigma_mean": run.log_sigma_teacher.mean(),
         }
         target = audio.to(run.x.dtype)
         if self.stft is not None:
             stft = self.stft(run.x, target)
             loss = loss + self.lambda_stft * stft
-            metrics["stft"] = float(stft.detach())
+            metrics["stft"] = stft
         if self.features is not None:
             with torch.no_grad():
                 target_mel = self.features(target)
             mel = (self.features(run.x) - target_mel).abs().mean()
             loss = loss + self.lambda_mel * mel
-            metrics["mel"] = float(mel.detach())
-        return loss, metrics
+            metrics["mel"] = mel
+        # One device-to-host copy for all of them (and, under torch.compile, one graph break,
+        # at the very end).
+        values = torch.stack([v.detach().float() for v in metrics.values()]).tolist()
+        return loss, dict(zip(metrics, values, strict=True))
 
 
 def make_distill_objective(teacher: nn.Module, dcfg: Mapping, features: nn.Module | None = None
