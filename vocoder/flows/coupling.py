@@ -87,13 +87,10 @@ def fused_gate(in_act: Tensor, n_channels: int) -> Tensor:
     ``s_b - 2 s_a s_b = (1 - 2 sigmoid(2a)) sigmoid(b) = -tanh(a) sigmoid(b)`` (one
     ``addcmul``); the sign is folded into the 1x1s after it. In place (into the filter
     half) when no gradient is needed."""
-    if in_act.requires_grad:
-        s = torch.sigmoid(in_act)
-        a, b = s.narrow(-2, 0, n_channels), s.narrow(-2, n_channels, n_channels)
-        return torch.addcmul(b, a, b, value=-2.0)
-    in_act.sigmoid_()
-    a, b = in_act.narrow(-2, 0, n_channels), in_act.narrow(-2, n_channels, n_channels)
-    if torch.compiler.is_compiling():  # out= into a strided view is not traceable
+    functional = in_act.requires_grad or torch.compiler.is_compiling()
+    s = torch.sigmoid(in_act) if in_act.requires_grad else in_act.sigmoid_()
+    a, b = s.narrow(-2, 0, n_channels), s.narrow(-2, n_channels, n_channels)
+    if functional:  # autograd, or torch.compile (out= into a strided view is not traceable)
         return torch.addcmul(b, a, b, value=-2.0)
     return torch.addcmul(b, a, b, value=-2.0, out=a)
 

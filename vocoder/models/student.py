@@ -360,9 +360,6 @@ class Student(Vocoder):
         scale = self.audio_scale
         return h * scale, mu_tot * scale, log_sigma_tot + math.log(scale)
 
-    # Eager under torch.compile: a cache keyed on data pointers, which a compiled graph would
-    # otherwise specialise on (and be traced again once the cache exists).
-    @torch.compiler.disable
     def _lean_flows(self, device: torch.device, dtype: torch.dtype) -> list[LeanFlow]:
         # Baked once per set of weights: any in-place update, load or move changes the key.
         key = (device, dtype) + tuple((p.data_ptr(), p._version) for p in self.parameters())
