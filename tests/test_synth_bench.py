@@ -259,6 +259,28 @@ def test_checkpoint_without_audio_scale_loads_as_raw_amplitude(kind):
     assert model_from_checkpoint(ckpt).audio_scale == 1.0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prepared_model_is_refused_by_make_checkpoint(kind):
+    """prepare_for_inference removes weight norm and fuses layers; a checkpoint of that layout
+    would not load, so saving one is refused with a message instead of written."""
+    from vocoder.models import model_from_checkpoint
+    from vocoder.training.checkpoint import CheckpointError
+
+    fe = MelFrontEnd.from_preset("tacotron2")
+    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    before = make_checkpoint(model, fe.config.to_dict())
+    model.eval().prepare_for_inference()
+    with pytest.raises(CheckpointError, match=f"cannot save this {kind}: prepare_for_inference"):
+        make_checkpoint(model, fe.config.to_dict())
+    # The checkpoint taken before preparing still rebuilds a model that synthesises like it.
+    mel = torch.randn(1, fe.n_mels, 3)
+    rebuilt = model_from_checkpoint(before).eval().prepare_for_inference()
+    torch.manual_seed(1)
+    want = model.synthesize(mel)
+    torch.manual_seed(1)
+    torch.testing.assert_close(rebuilt.synthesize(mel), want)
+
+
 @pytest.mark.parametrize("kind", ["student", "waveglow"])
 def test_precision_check_measures_distance_to_fp32(kind):
     """Same mel and noise: fp32 against itself is exactly zero, bf16 (8 significant bits) is

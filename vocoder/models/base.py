@@ -18,6 +18,9 @@ class Vocoder(nn.Module):
     """
 
     kind: str = ""
+    #: Set by :meth:`prepare_for_inference`, whose layout (weight norm removed, layers fused)
+    #: no checkpoint can hold: :func:`~vocoder.training.checkpoint.make_checkpoint` refuses it.
+    prepared: bool = False
 
     def __init__(self, n_mels: int, hop_length: int):
         super().__init__()
@@ -54,5 +57,7 @@ class Vocoder(nn.Module):
         return tuple(t.to(dtype) for t in tensors)
 
     def prepare_for_inference(self) -> Vocoder:
-        """Make inference fast (remove weight norm, cache inverses). Idempotent; returns self."""
+        """Make inference fast (remove weight norm, cache inverses). Idempotent; returns self.
+        The model cannot be saved as a checkpoint afterwards (save before)."""
+        self.prepared = True
         return self

@@ -428,4 +428,5 @@ class Student(Vocoder):
     def prepare_for_inference(self) -> Student:
         for flow in self.flows:
             flow.remove_weight_norm()
+        self.prepared = True
         return self

@@ -202,4 +202,5 @@ class WaveGlow(Vocoder):
             coupling.net.fuse_for_inference()
         for invconv in self.invconvs:
             invconv.prepare_for_inference()
+        self.prepared = True
         return self

@@ -42,7 +42,15 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 def make_checkpoint(model, features: dict, **fields) -> dict:
-    """The dict for ``model`` (a registered :class:`~vocoder.models.base.Vocoder`)."""
+    """The dict for ``model`` (a registered :class:`~vocoder.models.base.Vocoder`).
+
+    Refuses a model after ``prepare_for_inference``: its state dict (weight norm removed,
+    layers fused) no longer fits the model a checkpoint rebuilds.
+    """
+    if getattr(model, "prepared", False):
+        raise CheckpointError(f"cannot save this {model.kind}: prepare_for_inference() has "
+                              "changed its layout; save it before preparing it, or save the "
+                              "checkpoint it was loaded from")
     ckpt = {
         "format": FORMAT,
         "format_version": CHECKPOINT_VERSION,
