@@ -83,6 +83,10 @@ class LeanFlow:
       per sequence are zeros, ``P`` at least the largest causal padding, so the input of a
       dilated tap ``s`` steps back is a row range of one contiguous matrix: a causal
       convolution is one ``addmm`` per kernel tap into the gate, with no padding copies;
+    * the first layer's input is the flow's input ``x`` through a 1x1 from one channel,
+      ``x w + b`` per row, so its taps multiply the two columns ``(x, 1)`` by ``[w; b] W``
+      (``[2, G]``) instead of ``C`` channels by ``W`` (``[C, G]``): a ``C / 2``-th of the
+      arithmetic of the taps that dominate a layer;
     * the mel conditioning never exists at the sample rate: each layer's 1x1 projection is
       applied to the frames and then upsampled by the banded polyphase matrix of
       :func:`frames_to_samples`, one ``baddbmm`` with ``2J + 1`` (about 5) multiply-adds per
@@ -116,12 +120,18 @@ class LeanFlow:
                                      * gate_scale.repeat(stack.n_layers))
             self.input_weight = baked(stack.input.weight[:, 0, 0])
             self.input_bias = baked(stack.input.bias)
+            # The first layer's input is x w + b per row (the input 1x1 of one channel), so
+            # its taps act on the two columns (x, 1) of work.source: [2, G] each, not [C, G].
+            first_input = torch.stack([stack.input.weight[:, 0, 0], stack.input.bias]).double()
             self.layers = []
-            for block in stack.blocks:
+            for i, block in enumerate(stack.blocks):
                 conv = block.conv
                 k, d = conv.kernel_size, conv.dilation
-                taps = [((k - 1 - j) * d, baked(conv.conv.weight[:, :, j].t() * gate_scale))
-                        for j in range(k)]
+                taps = []
+                for j in range(k):
+                    weight = conv.conv.weight[:, :, j].t().double() * gate_scale
+                    taps.append(((k - 1 - j) * d, baked(first_input @ weight if i == 0
+                                                        else weight)))
                 n_res = block.residual_channels if block.has_residual else 0
                 self.layers.append((
                     baked(conv.conv.bias * gate_scale),
@@ -146,11 +156,14 @@ class LeanFlow:
         projected = torch.mm(work.frames, self.cond_weight)
         row = projected.stride(0)
         start = projected.storage_offset() + work.first_window * row
-        torch.addcmul(self.input_bias, F.pad(h, (1, -1)).unsqueeze(-1), self.input_weight,
+        shifted = F.pad(h, (1, -1))
+        torch.addcmul(self.input_bias, shifted.unsqueeze(-1), self.input_weight,
                       out=buffers[0].view(batch, pad + length, -1)[:, pad:])
+        work.source.view(batch, pad + length, 2)[:, pad:, 0] = shifted
         current = 0
         for i, (bias, taps, skip_weight, residual_weight) in enumerate(self.layers):
             rows = buffers[current]
+            tap_rows = work.source if i == 0 else rows
             following = buffers[1 - current] if residual_weight is not None else None
             # Row blocks of whole hops: every op below is local to its rows once the layer's
             # input exists, so the gate of one block stays in cache from matmul to 1x1s.
@@ -163,7 +176,7 @@ class LeanFlow:
                 torch.baddbmm(bias, work.polyphase[first:last], windows,
                               out=gate.view(last - first, hop, gate_channels))
                 for shift, weight in taps:
-                    gate.addmm_(rows[pad - shift + r0:pad - shift + r1], weight)
+                    gate.addmm_(tap_rows[pad - shift + r0:pad - shift + r1], weight)
                 gate.sigmoid_()
                 gated = work.gated[:r1 - r0]
                 gate_half = gate[:, self.half:]
@@ -248,6 +261,11 @@ class LeanWork:
                                                                         device=device,
                                                                         dtype=dtype))
         self.out = torch.empty(rows, 2, device=device, dtype=dtype)
+        # (x, 1) per data row of the flow's shifted input, (0, 0) in the padding rows: the
+        # first layer's taps read it (see LeanFlow).
+        self.source = torch.zeros(batch, stride * hop, 2, device=device, dtype=dtype)
+        self.source[:, self.padding:, 1] = 1.0
+        self.source = self.source.view(rows, 2)
 
 
 class Student(Vocoder):
