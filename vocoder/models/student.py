@@ -95,9 +95,10 @@ class LeanFlow:
       half of the gate weights doubled, ``sigmoid(b) - 2 sigmoid(2a) sigmoid(b)`` (one
       ``addcmul``) is ``-tanh(a) sigmoid(b)``, whose sign goes into the 1x1s after it;
     * the gated output sits beside a constant 1 so the 1x1 biases are rows of their matrices:
-      the residual update ``sqrt(0.5) (h + W g + b)`` is one ``addmm`` straight into the next
-      layer's buffer, and the skip sum (scale ``sqrt(1 / n_layers)`` folded in) accumulates in
-      place.
+      the residual update ``sqrt(0.5) (h + W g + b)`` is one in-place ``addmm_`` on the one
+      activation buffer (causality lets the row blocks run last to first, each still reading
+      the layer's input), and the skip sum (scale ``sqrt(1 / n_layers)`` folded in)
+      accumulates in place.
 
     The weights are copied at construction; build a new one after the weights change.
     """
@@ -151,23 +152,22 @@ class LeanFlow:
         log sigma)."""
         batch, length = h.shape
         pad, gate_channels, hop = work.padding, self.gate_channels, work.hop
-        buffers, skip = work.h, work.skip
+        rows, skip = work.h, work.skip
         # Every layer's projection of every frame: [frame rows, n_layers * G].
         projected = torch.mm(work.frames, self.cond_weight)
         row = projected.stride(0)
         start = projected.storage_offset() + work.first_window * row
         shifted = F.pad(h, (1, -1))
         torch.addcmul(self.input_bias, shifted.unsqueeze(-1), self.input_weight,
-                      out=buffers[0].view(batch, pad + length, -1)[:, pad:])
+                      out=rows.view(batch, pad + length, -1)[:, pad:])
         work.source.view(batch, pad + length, 2)[:, pad:, 0] = shifted
-        current = 0
         for i, (bias, taps, skip_weight, residual_weight) in enumerate(self.layers):
-            rows = buffers[current]
             tap_rows = work.source if i == 0 else rows
-            following = buffers[1 - current] if residual_weight is not None else None
             # Row blocks of whole hops: every op below is local to its rows once the layer's
-            # input exists, so the gate of one block stays in cache from matmul to 1x1s.
-            for first, last in work.blocks:
+            # input exists, so the gate of one block stays in cache from matmul to 1x1s. The
+            # blocks run last to first, so the residual update can be in place: a block's taps
+            # read only its own and earlier rows, which are still the layer's input.
+            for first, last in reversed(work.blocks):
                 r0, r1 = first * hop, last * hop
                 gate = work.gate[:r1 - r0]
                 windows = projected.as_strided((last - first, work.window, gate_channels),
@@ -186,13 +186,11 @@ class LeanFlow:
                     torch.mm(gated, skip_weight, out=skip[r0:r1])
                 else:
                     skip[r0:r1].addmm_(gated, skip_weight)
-                if following is not None:
-                    torch.addmm(rows[pad + r0:pad + r1], gated, residual_weight,
-                                beta=SQRT_HALF, out=following[pad + r0:pad + r1])
-            if following is not None:
+                if residual_weight is not None:
+                    rows[pad + r0:pad + r1].addmm_(gated, residual_weight, beta=SQRT_HALF)
+            if residual_weight is not None:
                 # Rows between sequences hold junk now; they are the next sequence's padding.
-                following.view(batch, pad + length, -1)[1:, :pad].zero_()
-                current = 1 - current
+                rows.view(batch, pad + length, -1)[1:, :pad].zero_()
         skip.relu_()
         for first, last in work.blocks:
             r0, r1 = first * hop, last * hop
@@ -249,7 +247,7 @@ class LeanWork:
         block = min(step * hop, computed)
         residual = stack.blocks[0].residual_channels
         skip = stack.head[1].in_channels
-        self.h = [torch.zeros(rows, residual, device=device, dtype=dtype) for _ in range(2)]
+        self.h = torch.zeros(rows, residual, device=device, dtype=dtype)
         self.gate = torch.empty(block, stack.gate_channels, device=device, dtype=dtype)
         self.gated = torch.empty(block, stack.gate_channels // 2 + 1, device=device,
                                  dtype=dtype)
