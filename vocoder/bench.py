@@ -79,13 +79,14 @@ def _macs(func, args, result) -> int:
 def _count_per_sample(model, batch: int, frames: int) -> tuple[float, float]:
     """(MACs, bytes) per output sample of eager :meth:`synthesize` at ``batch`` in fp32: the
     count over ``2 * frames`` frames minus the count over ``frames``, divided by the extra
-    samples, on a fresh copy on CPU. Cached per architecture."""
+    samples, on a fresh copy on CPU, prepared for inference as the timed models are (weight
+    norm removed, WaveGlow's layers fused). Cached per architecture."""
     from vocoder.models import build_model
 
     key = (model.kind, model.n_mels, model.hop_length, repr(model.arch_config()), batch, frames)
     if key not in _COUNT_CACHE:
         fresh = build_model(model.kind, model.n_mels, model.hop_length,
-                            model.arch_config()).eval()
+                            model.arch_config()).eval().prepare_for_inference()
         counts = []
         for n in (frames, 2 * frames):
             mel = torch.full((batch, model.n_mels, n), -5.0)

@@ -161,9 +161,12 @@ class WN(nn.Module):
         width = 2 * self.n_channels
         skip = None
         gate = fused_gate if self.fused else gated_activation
+        # Fused, the first layer reads (x_a, 1) (see fuse_for_inference); its zero padding
+        # then pads the constant channel with zeros too, as it padded start(x_a).
+        first = (torch.cat([x_a, torch.ones_like(x_a[:, :1])], dim=1) if self.fused else h)
         for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers,
                                                              strict=True)):
-            in_act = in_layer(h) + cond[:, i * width:(i + 1) * width]
+            in_act = in_layer(first if i == 0 else h) + cond[:, i * width:(i + 1) * width]
             res_skip = res_skip_layer(gate(in_act, self.n_channels))
             if i < self.n_layers - 1:
                 h = h + res_skip[:, :self.n_channels]
@@ -185,6 +188,7 @@ class WN(nn.Module):
         n = x_a.shape[-1]
         step = CPU_BLOCK_COLUMNS or n
         h = torch.addmm(self.start.bias[:, None], self.start.weight[:, :, 0], x_a)
+        first = torch.cat([x_a, torch.ones_like(x_a[:1])])  # the first layer's input rows
         following = torch.empty_like(h) if step < n else h
         cond_weight, cond_bias = self.cond_layer.weight[:, :, 0], self.cond_layer.bias[:, None]
         width = 2 * self.n_channels
@@ -201,7 +205,8 @@ class WN(nn.Module):
                 stop = min(start + step, n)
                 in_act = torch.addmm(cond_bias[rows], cond_weight[rows], cond[:, start:stop],
                                      out=gate[:, :stop - start])
-                _add_dilated_taps(in_act, in_layer.weight, h, in_layer.dilation[0], start)
+                _add_dilated_taps(in_act, in_layer.weight, first if i == 0 else h,
+                                  in_layer.dilation[0], start)
                 acts = fused_gate(in_act, self.n_channels)
                 if n_res:
                     torch.addmm(h[:, start:stop], weight[:n_res], acts,
@@ -224,9 +229,13 @@ class WN(nn.Module):
         channels instead of ``n_channels``) and replaces ``end`` by the identity. For the
         one-sigmoid gate (:func:`fused_gate`) the filter half of every layer's gate input
         (its ``in_layers`` rows and ``cond_layer`` rows, bias included) is doubled and the
-        ``res_skip_layers`` weights negated. Afterwards :meth:`forward` without autograd runs
-        :meth:`_forward_gemm` on CPU. The state dict changes layout: save checkpoints before
-        calling this.
+        ``res_skip_layers`` weights negated. The first layer's input, ``start(x_a) = W x_a + b``,
+        is affine in the ``n_in`` channels of ``x_a``, so its taps are folded through ``start``:
+        ``in_layers[0]`` then reads ``(x_a, 1)``, ``n_in + 1`` channels instead of
+        ``n_channels`` (zero padding pads the constant channel with zeros, as it padded
+        ``start(x_a)``), with weights ``W_k [W | b]``. Afterwards :meth:`forward` without
+        autograd runs :meth:`_forward_gemm` on CPU. The state dict changes layout: save
+        checkpoints before calling this.
         """
         if self.fused:
             return
@@ -243,6 +252,13 @@ class WN(nn.Module):
             # Tap-major storage makes each tap's [O, I] slice contiguous.
             w = in_layer.weight.clone()
             w[:c] *= 2
+            if i == 0:
+                through_start = torch.cat([self.start.weight[:, :, 0],
+                                           self.start.bias[:, None]], dim=1).double()
+                w = torch.einsum("oik,ij->ojk", w.double(), through_start).to(w)
+                in_layer = self.in_layers[0] = nn.Conv1d(
+                    w.shape[1], w.shape[0], w.shape[2], dilation=in_layer.dilation,
+                    padding=in_layer.padding, bias=False).to(w)
             in_layer.weight = nn.Parameter(w.permute(2, 0, 1).contiguous().permute(1, 2, 0))
         self.cond_layer.bias.copy_(cond_bias)
 
