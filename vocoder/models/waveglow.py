@@ -196,8 +196,9 @@ class WaveGlow(Vocoder):
         return self.decode(z, mel)
 
     def prepare_for_inference(self) -> WaveGlow:
-        """Remove weight norm, fold biases and each ``end`` conv into cheaper layers, and cache
-        every 1x1 inverse. Idempotent; changes the state dict's layout (save before)."""
+        """Remove weight norm, fold biases, each ``end`` conv and each first WN layer (through
+        ``start``) into cheaper layers, and cache every 1x1 inverse. Idempotent; changes the
+        state dict's layout (save before)."""
         for coupling in self.couplings:
             coupling.net.fuse_for_inference()
         for invconv in self.invconvs:
