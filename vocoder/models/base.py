@@ -6,6 +6,8 @@ and mels come in pairs (training segments start on a frame boundary).
 
 from __future__ import annotations
 
+from typing import Self
+
 from torch import Tensor, nn
 
 
@@ -56,7 +58,7 @@ class Vocoder(nn.Module):
         dtype = next(self.parameters()).dtype
         return tuple(t.to(dtype) for t in tensors)
 
-    def prepare_for_inference(self) -> Vocoder:
+    def prepare_for_inference(self) -> Self:
         """Make inference fast (remove weight norm, cache inverses). Idempotent; returns self.
         The model cannot be saved as a checkpoint afterwards (save before)."""
         self.prepared = True

@@ -85,7 +85,7 @@ class LeanFlow:
       convolution is one ``addmm`` per kernel tap into the gate, with no padding copies;
     * the first layer's input is the flow's input ``x`` through a 1x1 from one channel,
       ``x w + b`` per row, so its taps multiply the two columns ``(x, 1)`` by ``[w; b] W``
-      (``[2, G]``) instead of ``C`` channels by ``W`` (``[C, G]``): a ``C / 2``-th of the
+      (``[2, G]``) instead of ``C`` channels by ``W`` (``[C, G]``): ``2 / C`` of the
       arithmetic of the taps that dominate a layer;
     * the mel conditioning never exists at the sample rate: each layer's 1x1 projection is
       applied to the frames and then upsampled by the banded polyphase matrix of
@@ -261,9 +261,9 @@ class LeanWork:
         self.out = torch.empty(rows, 2, device=device, dtype=dtype)
         # (x, 1) per data row of the flow's shifted input, (0, 0) in the padding rows: the
         # first layer's taps read it (see LeanFlow).
-        self.source = torch.zeros(batch, stride * hop, 2, device=device, dtype=dtype)
-        self.source[:, self.padding:, 1] = 1.0
-        self.source = self.source.view(rows, 2)
+        source = torch.zeros(batch, stride * hop, 2, device=device, dtype=dtype)
+        source[:, self.padding:, 1] = 1.0
+        self.source = source.view(rows, 2)
 
 
 class Student(Vocoder):
@@ -444,5 +444,4 @@ class Student(Vocoder):
     def prepare_for_inference(self) -> Student:
         for flow in self.flows:
             flow.remove_weight_norm()
-        self.prepared = True
-        return self
+        return super().prepare_for_inference()

@@ -227,8 +227,7 @@ class Teacher(Vocoder):
     def prepare_for_inference(self) -> Teacher:
         self.wavenet.remove_weight_norm()
         _GRAPHS.pop(self, None)
-        self.prepared = True
-        return self
+        return super().prepare_for_inference()
 
 
 class _SamplingChunks:

@@ -203,5 +203,4 @@ class WaveGlow(Vocoder):
             coupling.net.fuse_for_inference()
         for invconv in self.invconvs:
             invconv.prepare_for_inference()
-        self.prepared = True
-        return self
+        return super().prepare_for_inference()
