@@ -22,14 +22,14 @@ import torch
 from omegaconf import OmegaConf
 
 from vocoder.bench import precision_check
+from vocoder.checkpoint import make_checkpoint, save_checkpoint
 from vocoder.features import MelFrontEnd
-from vocoder.models import build_model, load_model
+from vocoder.models import load_model, model_from_arch
 from vocoder.synthesis import set_tf32
-from vocoder.training.checkpoint import make_checkpoint, save_checkpoint
 
 DEVICE = torch.device(os.environ.get("VOCODER_TEST_DEVICE", "cuda"))
 REPO = Path(__file__).resolve().parents[1]
-ARCH = OmegaConf.to_container(OmegaConf.load(REPO / "conf/experiment/debug.yaml").arch)
+ARCH = OmegaConf.to_container(OmegaConf.load(REPO / "vocoder/conf/experiment/debug.yaml").arch)
 FEATURES = MelFrontEnd.from_preset("tacotron2")
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -46,7 +46,7 @@ def _exact_fp32():
 
 def _model(kind: str, inference: bool = True):
     torch.manual_seed(0)
-    model = build_model(kind, FEATURES.n_mels, FEATURES.hop_length, ARCH[kind])
+    model = model_from_arch(kind, FEATURES.n_mels, FEATURES.hop_length, ARCH[kind])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -83,7 +83,7 @@ def test_parallel_synthesis_on_the_device_equals_cpu(kind):
     assert _relative_error(got, expected) < 1e-4
 
 
-def test_student_forward_on_the_device_matches_its_lean_sampler():
+def test_student_forward_on_the_device_matches_its_baked_sampler():
     # the training forward (autograd path) and the inference path, both on the device
     model = _model("student").to(DEVICE)
     mel, z = (t.to(DEVICE) for t in _inputs(batch=2, frames=12))

@@ -200,9 +200,9 @@ def test_make_distill_objective_reads_the_config_block():
 
 
 def test_distill_cli_writes_a_student_checkpoint(tmp_path):
+    from vocoder.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from vocoder.features import MelFrontEnd
     from vocoder.models import load_model
-    from vocoder.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 
     features = MelFrontEnd.from_preset("tacotron2")
     teacher = Teacher(features.n_mels, features.hop_length, n_layers=2, cycle_length=2,

@@ -31,7 +31,7 @@ TINY = {
 
 def tiny_checkpoint(kind, path):
     """Save a tiny untrained model of ``kind``; None when that model is not importable."""
-    from vocoder.training.checkpoint import make_checkpoint, save_checkpoint
+    from vocoder.checkpoint import make_checkpoint, save_checkpoint
 
     module, name, arch = TINY[kind]
     try:

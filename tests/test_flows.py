@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from vocoder.flows import coupling as coupling_module
-from vocoder.flows.coupling import WN, AffineCoupling
+from vocoder.flows.coupling import AffineCoupling
 from vocoder.flows.invconv import make_invconv
+from vocoder.nn import wn as wn_module
+from vocoder.nn.wn import WN
 
 
 @pytest.mark.parametrize("kind", ["plain", "lu"])
@@ -83,7 +84,7 @@ def test_wn_fused_inference_form_matches(batch, block, monkeypatch):
     # One block for all time steps, blocks of one step, and blocks of four with a shorter last
     # one; the taps reach past either end of the signal (dilation 4, kernel 5). The fused
     # layers through batched convolutions (the path on CUDA and under torch.compile) too.
-    monkeypatch.setattr(coupling_module, "CPU_BLOCK_COLUMNS", block)
+    monkeypatch.setattr(wn_module, "CPU_BLOCK_COLUMNS", block)
     net = WN(2, 3, n_layers=3, n_channels=8, kernel_size=5).double()
     _random_end(net)
     x, cond = torch.randn(batch, 2, 13, dtype=torch.float64), torch.randn(batch, 3, 13).double()

@@ -138,3 +138,20 @@ def test_mr_stft_loss_is_differentiable_and_zero_for_equal_inputs():
 def test_mr_stft_loss_refuses_too_short_audio():
     with pytest.raises(ValueError, match="too short"):
         MultiResolutionSTFTLoss()(torch.zeros(1, 100), torch.zeros(1, 100))
+
+
+def test_periodicity_tells_a_pulse_train_from_noise_at_the_true_pitch():
+    from vocoder.metrics import periodicity
+
+    rate, hop, f0 = 22050, 256, 150.0
+    t = np.arange(rate) / rate
+    pulses = (np.sin(2 * np.pi * f0 * t) > 0.995).astype(np.float64)
+    contour = np.full(rate // hop + 1, f0)
+    contour[:10] = 0.0  # unvoiced frames are not scored
+    noise = np.random.default_rng(0).standard_normal(rate)
+    assert periodicity(pulses, contour, rate, hop) > 0.9
+    assert periodicity(noise, contour, rate, hop) < 0.2
+    # periodic, but at another pitch: not periodic at the reference's period
+    other = (np.sin(2 * np.pi * 1.37 * f0 * t) > 0.995).astype(np.float64)
+    assert periodicity(other, contour, rate, hop) < 0.5
+    assert np.isnan(periodicity(noise, np.zeros_like(contour), rate, hop))

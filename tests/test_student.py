@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from vocoder.models import build_model
-from vocoder.models import student as student_module
-from vocoder.models.student import Student, _stretch, frames_to_samples
+from vocoder.models import model_from_arch
+from vocoder.models.student import Student
+from vocoder.nn import parallel as parallel_module
 
 N_MELS, HOP = 6, 16
 
@@ -99,11 +99,11 @@ def test_log_prob_of_sample_is_the_change_of_variables_density():
 @pytest.mark.parametrize("batch,frames,scales", [(1, 1, None), (1, 5, None), (1, 13, None),
                                                  (3, 4, [4, 4]), (2, 11, [2, 8])])
 @pytest.mark.parametrize("block_rows", [None, HOP, 3 * HOP])
-def test_lean_sampling_equals_the_module_forward(batch, frames, scales, block_rows,
+def test_baked_sampling_equals_the_module_forward(batch, frames, scales, block_rows,
                                                  monkeypatch):
     # One block for all rows (as on a GPU), blocks of one hop, and blocks of three hops with
     # a shorter last one (the layers run block by block on CPU).
-    monkeypatch.setattr(student_module, "CPU_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(parallel_module, "CPU_BLOCK_ROWS", block_rows)
     model = _student(upsample_scales=scales).eval()
     z, mel = _inputs(batch, frames)
     x = model.sample(mel, z=z)
@@ -112,24 +112,7 @@ def test_lean_sampling_equals_the_module_forward(batch, frames, scales, block_ro
                                rtol=0, atol=1e-12)
 
 
-def test_polyphase_weights_are_the_upsampler_on_the_identity():
-    model = _student()
-    frames = 17
-    bands, reach = frames_to_samples(model.upsampler, frames, "cpu", torch.float64)
-    eye = torch.eye(frames, dtype=torch.float64)[None, None]
-    matrix = _stretch(model.upsampler, eye)[0, 0]
-    rebuilt = torch.zeros_like(matrix)
-    for i in range(frames):
-        for j in range(2 * reach + 1):
-            if 0 <= i + j - reach < frames:
-                rebuilt[i + j - reach, i * HOP:(i + 1) * HOP] = bands[i, :, j]
-    torch.testing.assert_close(rebuilt, matrix, rtol=0, atol=1e-14)
-    mel = torch.randn(1, N_MELS, frames, dtype=torch.float64)
-    features = model.upsampler.frame_conv(mel)
-    torch.testing.assert_close(features @ matrix, model.upsampler(mel))
-
-
-def test_lean_weights_follow_weight_updates():
+def test_baked_weights_follow_weight_updates():
     model = _student().eval()
     z, mel = _inputs()
     before = model.sample(mel, z=z)
@@ -176,7 +159,7 @@ def test_arch_config_is_json_and_rebuilds_the_model():
     model = _student(dtype=torch.float32)
     arch = model.arch_config()
     assert json.loads(json.dumps(arch)) == arch
-    rebuilt = build_model("student", N_MELS, HOP, arch)
+    rebuilt = model_from_arch("student", N_MELS, HOP, arch)
     rebuilt.load_state_dict(model.state_dict())
     z, mel = _inputs(dtype=torch.float32)
     torch.testing.assert_close(rebuilt(z, mel)[0], model(z, mel)[0])

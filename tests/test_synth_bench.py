@@ -10,10 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from vocoder.checkpoint import make_checkpoint, save_checkpoint
 from vocoder.features import MelFrontEnd
-from vocoder.models import KINDS, build_model, load_model
+from vocoder.models import KINDS, load_model, model_from_arch
 from vocoder.synthesis import check_mel, synthesize_long
-from vocoder.training.checkpoint import make_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -28,7 +28,7 @@ TINY = {
 
 def _checkpoint(kind, path, perturb=False):
     fe = MelFrontEnd.from_preset("tacotron2")
-    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    model = model_from_arch(kind, fe.n_mels, fe.hop_length, TINY[kind])
     if perturb:  # move zero-initialised output layers away from the identity
         with torch.no_grad():
             for p in model.parameters():
@@ -221,7 +221,7 @@ def test_macs_per_sample_count_the_inference_path():
     # inverse 1x1s are cached) less, per WN and time step of n_group samples: the first
     # layer's k taps reading n_in + 1 channels instead of C, the skip halves of the 1x1s
     # emitting 2 n_in channels instead of C, and no `end` (C -> 2 n_in).
-    waveglow = build_model("waveglow", fe.n_mels, fe.hop_length, TINY["waveglow"]).eval()
+    waveglow = model_from_arch("waveglow", fe.n_mels, fe.hop_length, TINY["waveglow"]).eval()
     saved = 0
     for coupling in waveglow.couplings:
         n_in, net = coupling.n_half, coupling.net
@@ -229,10 +229,10 @@ def test_macs_per_sample_count_the_inference_path():
         saved += k * 2 * c * (c - n_in - 1) + net.n_layers * c * (c - 2 * n_in) + c * 2 * n_in
     assert saved > 0
     assert count_macs_per_sample(waveglow) == training_form(waveglow) - saved / waveglow.n_group
-    # the student's lean flows project the mel per frame, not per sample: less arithmetic,
+    # the student's baked flows project the mel per frame, not per sample: less arithmetic,
     # the same amount per sample whatever the length
     arch = {**TINY["student"], "cond_channels": 32}
-    student = build_model("student", fe.n_mels, fe.hop_length, arch).eval()
+    student = model_from_arch("student", fe.n_mels, fe.hop_length, arch).eval()
     lean = count_macs_per_sample(student)
     assert 0 < lean < training_form(student)
     assert count_macs_per_sample(student, frames=8) == lean
@@ -242,13 +242,13 @@ def test_bytes_per_sample_invariants():
     from vocoder.bench import count_bytes_per_sample
 
     fe = MelFrontEnd.from_preset("tacotron2")
-    student = build_model("student", fe.n_mels, fe.hop_length, TINY["student"])
+    student = model_from_arch("student", fe.n_mels, fe.hop_length, TINY["student"])
     per_sample = count_bytes_per_sample(student)
     # marginal bytes of a parallel pass do not depend on the length counted over...
     assert count_bytes_per_sample(student, frames=2) == pytest.approx(per_sample, rel=0.05)
     # ...and halve with 2-byte elements
     assert count_bytes_per_sample(student, bytes_per_element=2) == pytest.approx(per_sample / 2)
-    teacher = build_model("teacher", fe.n_mels, fe.hop_length, TINY["teacher"])
+    teacher = model_from_arch("teacher", fe.n_mels, fe.hop_length, TINY["teacher"])
     # every sequential step reads the whole WaveNet's weights; a batch shares them
     weights = 4 * sum(p.numel() for p in teacher.wavenet.parameters())
     single, batched = count_bytes_per_sample(teacher), count_bytes_per_sample(teacher, batch=4)
@@ -261,7 +261,7 @@ def test_checkpoint_without_audio_scale_loads_as_raw_amplitude(kind):
     from vocoder.models import model_from_checkpoint
 
     fe = MelFrontEnd.from_preset("tacotron2")
-    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    model = model_from_arch(kind, fe.n_mels, fe.hop_length, TINY[kind])
     ckpt = make_checkpoint(model, fe.config.to_dict())
     assert model_from_checkpoint(ckpt).audio_scale == model.audio_scale == 0.1
     del ckpt["arch"]["audio_scale"]
@@ -272,11 +272,11 @@ def test_checkpoint_without_audio_scale_loads_as_raw_amplitude(kind):
 def test_a_prepared_model_is_refused_by_make_checkpoint(kind):
     """prepare_for_inference removes weight norm and fuses layers; a checkpoint of that layout
     would not load, so saving one is refused with a message instead of written."""
+    from vocoder.checkpoint import CheckpointError
     from vocoder.models import model_from_checkpoint
-    from vocoder.training.checkpoint import CheckpointError
 
     fe = MelFrontEnd.from_preset("tacotron2")
-    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    model = model_from_arch(kind, fe.n_mels, fe.hop_length, TINY[kind])
     before = make_checkpoint(model, fe.config.to_dict())
     model.eval().prepare_for_inference()
     with pytest.raises(CheckpointError, match=f"cannot save this {kind}: prepare_for_inference"):
@@ -298,7 +298,7 @@ def test_precision_check_measures_distance_to_fp32(kind):
 
     fe = MelFrontEnd.from_preset("tacotron2")
     torch.manual_seed(0)
-    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    model = model_from_arch(kind, fe.n_mels, fe.hop_length, TINY[kind])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -350,7 +350,8 @@ def test_synthesis_traces_into_one_graph_for_torch_compile(kind):
     # parts of the network to run eagerly. Batch 2 as well: in-place ops into strided views
     # of a batch are where breaks came from.
     fe = MelFrontEnd.from_preset("tacotron2")
-    model = build_model(kind, fe.n_mels, fe.hop_length, TINY[kind]).eval().prepare_for_inference()
+    model = model_from_arch(kind, fe.n_mels, fe.hop_length, TINY[kind])
+    model.eval().prepare_for_inference()
     for batch in (1, 2):
         mel = torch.full((batch, fe.n_mels, 3), -5.0)
         with torch.no_grad():

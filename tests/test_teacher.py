@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vocoder.models import build_model
+from vocoder.models import model_from_arch
 from vocoder.models.teacher import Teacher
 
 DTYPE = torch.float64
@@ -141,7 +141,7 @@ def test_weight_norm_and_prepare_for_inference():
 def test_registry_rebuild_and_synthesize():
     teacher = tiny_teacher()
     arch = teacher.arch_config()
-    rebuilt = build_model("teacher", N_MELS, HOP, arch).to(DTYPE)
+    rebuilt = model_from_arch("teacher", N_MELS, HOP, arch).to(DTYPE)
     assert rebuilt.arch_config() == arch
     rebuilt.load_state_dict(teacher.state_dict())
     _, mel = random_inputs(batch=1, frames=3)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from vocoder.checkpoint import CheckpointError, load_checkpoint
 from vocoder.cli.common import CONF_DIR, front_end
 from vocoder.data.corpus import prepare_corpus
 from vocoder.errors import VocoderError
-from vocoder.models import build_model
-from vocoder.training.checkpoint import CheckpointError, load_checkpoint
+from vocoder.models import model_from_arch
 from vocoder.training.trainer import NonFiniteError, Trainer, TrainingLoss, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _trainer(run_dir, cache_dir, *overrides, make_objective=TrainingLoss):
     fe = front_end(cfg)
     corpus = prepare_corpus(cfg.data, fe, cache_dir, 8 * 256, log=lambda s: None, progress=False)
     seed_everything(int(cfg.seed))
-    model = build_model("teacher", fe.n_mels, fe.hop_length, dict(cfg.arch.teacher))
+    model = model_from_arch("teacher", fe.n_mels, fe.hop_length, dict(cfg.arch.teacher))
     return Trainer(
         cfg, model, corpus, fe.config.to_dict(), make_objective=make_objective, log=lambda s: None
     )
@@ -263,7 +263,7 @@ DDP_SCRIPT = """
 import sys, torch
 from hydra import compose, initialize_config_dir
 from vocoder.cli.common import CONF_DIR, front_end, prepare_data
-from vocoder.models import build_model
+from vocoder.models import model_from_arch
 from vocoder.training.trainer import Trainer
 run_dir, cache_dir = sys.argv[1], sys.argv[2]
 with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -272,7 +272,7 @@ with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         "trainer.max_steps=3", "trainer.val_every=3"])
 fe = front_end(cfg)
 corpus = prepare_data(cfg, fe, 8 * 256)
-model = build_model("teacher", fe.n_mels, fe.hop_length, dict(cfg.arch.teacher))
+model = model_from_arch("teacher", fe.n_mels, fe.hop_length, dict(cfg.arch.teacher))
 t = Trainer(cfg, model, corpus, fe.config.to_dict(), log=lambda s: None)
 t.fit()
 torch.save(t.model.state_dict(), f"{run_dir}/rank{t.dist.rank}.pt")
@@ -303,7 +303,7 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    initial = build_model("teacher", 80, 256, {})  # a differently-sized net: keys differ
+    initial = model_from_arch("teacher", 80, 256, {})  # a differently-sized net: keys differ
     assert set(r0) == set(r1) and set(r0) != set(initial.state_dict())
     for k in r0:
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0, msg=k)

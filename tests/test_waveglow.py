@@ -15,7 +15,7 @@ from torch.autograd.functional import jacobian
 from vocoder.denoiser import Denoiser
 from vocoder.errors import InputError
 from vocoder.models.waveglow import WaveGlow
-from vocoder.models.waveglow_import import (
+from vocoder.waveglow_import import (
     convert_nvidia_state_dict,
     read_nvidia_checkpoint,
 )
@@ -316,9 +316,9 @@ def test_convert_whole_object_checkpoint(tmp_path, legacy, weight_norm):
 
 
 def test_convert_waveglow_writes_loadable_checkpoint(tmp_path, capsys):
+    from vocoder.checkpoint import load_checkpoint
     from vocoder.cli.convert import main
     from vocoder.models import model_from_checkpoint
-    from vocoder.training.checkpoint import load_checkpoint
 
     model = WaveGlow(80, 256, n_flows=2, n_group=8, n_early_every=4, n_layers=2,
                      n_channels=8, audio_scale=1.0).eval()

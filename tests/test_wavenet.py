@@ -1,5 +1,6 @@
-"""WaveNet building blocks: causal convs, incremental steps against the parallel forward,
-receptive field, upsampler lengths."""
+"""WaveNet building blocks (training forms): causal convs, receptive field, causality,
+weight norm, upsampler lengths and its polyphase form. The inference forms are tested against
+these in test_baking.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from vocoder.nn.wavenet import (
     CausalConv1d,
     MelUpsampler,
-    ResidualBlock,
     WaveNetStack,
     default_upsample_scales,
 )
@@ -28,19 +28,6 @@ def tiny_stack(cond_channels: int = 3, **overrides) -> WaveNetStack:
     return WaveNetStack(**kwargs).to(DTYPE)
 
 
-@pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (2, 1), (2, 4), (3, 2), (3, 8)])
-def test_causal_conv_step_matches_forward(kernel_size, dilation):
-    torch.manual_seed(0)
-    conv = CausalConv1d(3, 5, kernel_size, dilation).to(DTYPE)
-    x = torch.randn(2, 3, 40, dtype=DTYPE)
-    conv.reset_state(batch=2)
-    stepped = torch.cat([conv.step(x[:, :, t:t + 1]) for t in range(x.shape[-1])], dim=-1)
-    torch.testing.assert_close(stepped, conv(x))
-    # A reset starts again from an empty history.
-    conv.reset_state(batch=2)
-    torch.testing.assert_close(conv.step(x[:, :, :1]), conv(x[:, :, :1]))
-
-
 def test_causal_conv_is_causal():
     torch.manual_seed(0)
     conv = CausalConv1d(2, 2, 3, dilation=4).to(DTYPE)
@@ -51,47 +38,6 @@ def test_causal_conv_is_causal():
     assert diff[:10].max() == 0
     assert set(diff.nonzero().flatten().tolist()) == {10, 14, 18}
     assert conv.receptive_field == 9
-
-
-@pytest.mark.parametrize("has_residual", [True, False])
-def test_residual_block_step_matches_forward(has_residual):
-    torch.manual_seed(0)
-    block = ResidualBlock(4, 6, 5, kernel_size=2, dilation=2, has_residual=has_residual)
-    block = block.to(DTYPE)
-    h = torch.randn(2, 4, 25, dtype=DTYPE)
-    cond = torch.randn(2, 6, 25, dtype=DTYPE)
-    h_next, skip = block(h, cond)
-    block.reset_state(batch=2)
-    steps = [block.step(h[:, :, t:t + 1], cond[:, :, t:t + 1]) for t in range(25)]
-    torch.testing.assert_close(torch.cat([s for _, s in steps], -1), skip)
-    if has_residual:
-        torch.testing.assert_close(torch.cat([r for r, _ in steps], -1), h_next)
-    else:
-        assert h_next is None and all(r is None for r, _ in steps)
-
-
-@pytest.mark.parametrize("cond_channels", [0, 3])
-@pytest.mark.parametrize("kernel_size", [2, 3])
-def test_stack_step_matches_forward(cond_channels, kernel_size):
-    stack = tiny_stack(cond_channels, kernel_size=kernel_size)
-    x = torch.randn(3, 2, 60, dtype=DTYPE)
-    cond = torch.randn(3, cond_channels, 60, dtype=DTYPE) if cond_channels else None
-    expected = stack(x, cond)
-    stack.reset_state(batch=3)
-    stepped = [stack.step(x[:, :, t:t + 1], None if cond is None else cond[:, :, t:t + 1])
-               for t in range(60)]
-    torch.testing.assert_close(torch.cat(stepped, -1), expected)
-
-
-def test_stepper_with_precomputed_terms_matches_forward():
-    stack = tiny_stack()
-    x = torch.randn(2, 2, 40, dtype=DTYPE)
-    cond = torch.randn(2, 3, 40, dtype=DTYPE)
-    stepper = stack.reset_state(batch=2)
-    terms = stepper.conditioning_terms(cond)
-    assert terms.shape == (40, stack.n_layers, 2, stack.gate_channels)
-    stepped = torch.stack([stepper.step(x[:, :, t], terms[t]).clone() for t in range(40)], -1)
-    torch.testing.assert_close(stepped, stack(x, cond))
 
 
 def test_stack_receptive_field_by_gradient():
@@ -170,3 +116,22 @@ def test_upsampler_is_local():
     # Frame 3 owns samples [48, 64); the smoothers spread it by at most 4 + 4 * 4 samples.
     assert diff[48:64].min() > 0
     assert touched.min() >= 48 - 20 and touched.max() < 64 + 20
+
+
+def test_polyphase_weights_are_the_upsampler_on_the_identity():
+    torch.manual_seed(0)
+    hop, frames = 16, 17
+    upsampler = MelUpsampler(5, hop, out_channels=3, upsample_scales=[4, 4]).to(DTYPE)
+    with torch.no_grad():
+        for smoother in upsampler.smoothers:  # not a box filter: every weight matters
+            smoother.weight.add_(0.1 * torch.randn_like(smoother.weight))
+    bands, reach = upsampler.polyphase(frames, "cpu", DTYPE)
+    matrix = upsampler.stretch(torch.eye(frames, dtype=DTYPE))
+    rebuilt = torch.zeros_like(matrix)
+    for i in range(frames):
+        for j in range(2 * reach + 1):
+            if 0 <= i + j - reach < frames:
+                rebuilt[i + j - reach, i * hop:(i + 1) * hop] = bands[i, :, j]
+    torch.testing.assert_close(rebuilt, matrix, rtol=0, atol=1e-14)
+    mel = torch.randn(2, 5, frames, dtype=DTYPE)
+    torch.testing.assert_close(upsampler.project_frames(mel) @ matrix, upsampler(mel))

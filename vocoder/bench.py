@@ -81,11 +81,11 @@ def _count_per_sample(model, batch: int, frames: int) -> tuple[float, float]:
     count over ``2 * frames`` frames minus the count over ``frames``, divided by the extra
     samples, on a fresh copy on CPU, prepared for inference as the timed models are (weight
     norm removed, WaveGlow's layers fused). Cached per architecture."""
-    from vocoder.models import build_model
+    from vocoder.models import model_from_arch
 
     key = (model.kind, model.n_mels, model.hop_length, repr(model.arch_config()), batch, frames)
     if key not in _COUNT_CACHE:
-        fresh = build_model(model.kind, model.n_mels, model.hop_length,
+        fresh = model_from_arch(model.kind, model.n_mels, model.hop_length,
                             model.arch_config()).eval().prepare_for_inference()
         counts = []
         for n in (frames, 2 * frames):
@@ -113,7 +113,7 @@ def count_macs_per_sample(model, frames: int | None = None) -> float:
     Counted from the operators that :meth:`synthesize` runs (matrix products and
     convolutions, whatever form they take: in place, ``out=``, batched), as the marginal cost
     of one more sample, so work done once per call drops out. This is the arithmetic of the
-    inference path, which can be less than that of training: the student's lean flows apply
+    inference path, which can be less than that of training: the student's baked flows apply
     the mel projections per frame instead of per sample.
     """
     return _count_per_sample(model, 1, frames or _default_frames(model))[0]
@@ -208,14 +208,6 @@ def benchmark_model(
     }
 
 
-def _synthesize_from_noise(model, mel: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The model's default synthesis with the noise given (``z ~ N(0, 1)``, scaled by the
-    model's own sigma): teacher and student ``sample(mel, z)``, WaveGlow ``decode``."""
-    if model.kind == "waveglow":
-        return model.decode(z.mul(model.sigma).to(mel.dtype), mel)
-    return model.sample(mel, z=z)
-
-
 def precision_check(model, dtype: str, device: torch.device, features, seconds: float = 1.0,
                     seed: int = 0) -> dict:
     """How far synthesis in ``dtype`` lands from fp32 on the same mel and the same noise.
@@ -240,8 +232,8 @@ def precision_check(model, dtype: str, device: torch.device, features, seconds: 
         set_tf32(name == "tf32")
         work = copy.deepcopy(model).to(device=device, dtype=DTYPES[name]).eval()
         with torch.no_grad():
-            outputs[name] = _synthesize_from_noise(
-                work, mel.to(device, DTYPES[name]), z.to(device, DTYPES[name]))[0].float().cpu()
+            outputs[name] = work.synthesize(mel.to(device, DTYPES[name]),
+                                            z=z.to(device, DTYPES[name]))[0].float().cpu()
         del work
     set_tf32(False)
     ref, low = outputs["fp32"], outputs[dtype]

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vocoder.models.teacher import LOG_2PI, gaussian_log_prob
+from vocoder.losses import gaussian_log_prob, standard_normal_log_prob
 
 ESTIMATORS = ("closed_form", "monte_carlo")
 
@@ -87,7 +87,7 @@ def kl_per_step(run: DistillationPass, student: nn.Module, teacher: nn.Module,
         log_sigma_s, log_sigma_t = floored(run, student, teacher)
         return gaussian_kl(run.mu_student, log_sigma_s, run.mu_teacher, log_sigma_t)
     if estimator == "monte_carlo":
-        log_q = -0.5 * (run.z.square() + LOG_2PI) - run.log_sigma_student
+        log_q = standard_normal_log_prob(run.z) - run.log_sigma_student
         return log_q - gaussian_log_prob(run.x, run.mu_teacher, run.log_sigma_teacher)
     raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
 

@@ -20,16 +20,18 @@ class InputError(VocoderError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class CheckpointError(VocoderError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
 def report_errors(fn):
     """Decorate a command's body: known errors become ``error: ...`` and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from vocoder.training.checkpoint import CheckpointError
-
         try:
             return fn(*args, **kwargs)
-        except (VocoderError, CheckpointError) as e:
+        except VocoderError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -6,10 +6,24 @@ adds it to the KL, and :func:`vocoder.metrics.mr_stft_distance` reports it as a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+    """Elementwise ``log N(x; mu, exp(log_sigma)^2)`` in nats."""
+    z = (x - mu) * torch.exp(-log_sigma)
+    return -0.5 * (z * z + LOG_2PI) - log_sigma
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Elementwise ``log N(z; 0, 1)`` in nats."""
+    return -0.5 * (z * z + LOG_2PI)
 
 DEFAULT_RESOLUTIONS: tuple[tuple[int, int, int], ...] = (
     (512, 128, 512),

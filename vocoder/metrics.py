@@ -11,7 +11,10 @@ Lower is better for every number here:
 * ``mr_stft``: multi-resolution STFT distance (:class:`~vocoder.losses.MultiResolutionSTFTLoss`);
 * ``mcd_db``: mel-cepstral distortion in dB (:func:`mel_cepstral_distortion`);
 * ``f0_rmse_cents``, ``voicing_error``: pitch error over frames voiced in both, and the fraction
-  of frames whose voiced/unvoiced decision differs (:func:`f0_metrics`).
+  of frames whose voiced/unvoiced decision differs (:func:`f0_metrics`);
+
+and higher is better for ``periodicity``: the synthesis' autocorrelation at the reference's
+pitch period in voiced frames (:func:`periodicity`).
 """
 
 from __future__ import annotations
@@ -196,6 +199,37 @@ def f0_metrics(ref_f0, syn_f0) -> dict:
     }
 
 
+def periodicity(audio, f0, sample_rate: int, hop_length: int, window: int = 1024) -> float:
+    """How periodic ``audio`` is at a given pitch: the mean, over frames where ``f0`` (Hz per
+    frame, 0 = unvoiced; frame ``i`` centred on sample ``i * hop``) is voiced, of the
+    normalised autocorrelation of a ``window``-sample stretch at the period ``sr / f0`` (the
+    best of the lags within one sample of it, and one more above). 1 for a perfectly periodic
+    signal at that pitch, about 0 for noise, NaN when no frame is voiced.
+
+    Unlike an F0 tracker's decision it cannot be fooled by formant ringing of unvoiced output:
+    it asks whether the synthesis repeats at the reference's own period.
+    """
+    x = _as_tensor(audio).double().numpy()
+    f0 = np.asarray(f0, dtype=np.float64).reshape(-1)
+    values = []
+    for i in np.flatnonzero(np.isfinite(f0) & (f0 > 0)):
+        first = i * hop_length - window // 2
+        if first < 0 or first + window > x.shape[0]:
+            continue
+        segment = x[first:first + window] - x[first:first + window].mean()
+        period = sample_rate / f0[i]
+        best = -1.0
+        for lag in range(max(1, int(period) - 1), int(period) + 3):
+            if lag >= window:
+                break
+            a, b = segment[:-lag], segment[lag:]
+            norm = math.sqrt(float(a @ a) * float(b @ b))
+            if norm > 0:
+                best = max(best, float(a @ b) / norm)
+        values.append(max(best, 0.0))
+    return float(np.mean(values)) if values else float("nan")
+
+
 def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
                            f0_range: tuple[float, float] = (50.0, 500.0),
                            n_mfcc: int = 24) -> dict:
@@ -203,8 +237,10 @@ def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
 
     Keys: ``log_mel_l1``, ``mr_stft``, ``mcd_db`` (``c_0`` excluded), ``f0_rmse_cents``,
     ``voicing_error``, ``f0_source`` (``"true"`` when ``ref_f0``, the known F0 of the
-    reference, is given; ``"pyin"`` when it was estimated from the reference audio) and the
-    frame counts of :func:`f0_metrics`. The synthesis' F0 is always estimated with pyin.
+    reference, is given; ``"pyin"`` when it was estimated from the reference audio), the
+    frame counts of :func:`f0_metrics`, and ``periodicity`` / ``periodicity_reference``
+    (:func:`periodicity` of the synthesis and of the reference at the reference's F0). The
+    synthesis' F0 is always estimated with pyin.
     """
     device = _device_of(features)
     ref, syn = _trimmed(ref, syn, device)
@@ -220,5 +256,7 @@ def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
         "mcd_db": mel_cepstral_distortion(ref, syn, rate, n_mfcc=n_mfcc, features=features),
     }
     row.update(f0_metrics(ref_f0, syn_f0))
+    row["periodicity"] = periodicity(syn.cpu(), ref_f0, rate, hop)
+    row["periodicity_reference"] = periodicity(ref.cpu(), ref_f0, rate, hop)
     row["f0_source"] = source
     return row

@@ -61,7 +61,7 @@ def main(cfg) -> None:
         precision_check,
     )
     from vocoder.features import MelFrontEnd
-    from vocoder.models import build_model, load_model
+    from vocoder.models import load_model, model_from_arch
     from vocoder.synthesis import DTYPES
 
     device = torch.device(str(cfg.device))
@@ -96,13 +96,14 @@ def main(cfg) -> None:
         name = str(name)
         if cfg.get(name):
             model = load_model(cfg[name], device="cpu")
-            sr = model.features.sample_rate
         else:
-            model = build_model(name, features.n_mels, features.hop_length, dict(cfg.arch[name]))
+            model = model_from_arch(name, features.n_mels, features.hop_length,
+                                    dict(cfg.arch[name]))
+            model.features = features
             model.eval().prepare_for_inference()
-            sr = features.sample_rate
+        sr = model.features.sample_rate
         seconds = float(cfg.teacher_seconds) if name == "teacher" else float(cfg.seconds)
-        front_end = getattr(model, "features", None) or features
+        front_end = model.features
         for dtype in cfg.dtypes:
             # Numerics first, on a copy: the timing below converts the model in place.
             check = (precision_check(model, str(dtype), device, front_end,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from vocoder.config import CONF_DIR
 
 
 def hydra_app(config_name: str):
-    """``@hydra.main`` on the project's ``conf/`` folder, with one-line errors."""
+    """``@hydra.main`` on the package's ``conf/`` folder, with one-line errors."""
     import hydra
 
     from vocoder.errors import report_errors

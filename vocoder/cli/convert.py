@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     args = parse_args(argv)
-    from vocoder.models.waveglow_import import convert_waveglow
+    from vocoder.waveglow_import import convert_waveglow
 
     model = convert_waveglow(args["input"], args["output"], args.get("preset", "tacotron2"))
     arch = model.arch_config()

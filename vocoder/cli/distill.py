@@ -40,10 +40,10 @@ def _check_segments(cfg, objective, hop_length: int) -> None:
 def main(cfg) -> None:
     from omegaconf import OmegaConf
 
+    from vocoder.checkpoint import load_checkpoint
     from vocoder.distill import freeze, make_distill_objective
     from vocoder.features import MelFrontEnd
-    from vocoder.models import build_model, model_from_checkpoint
-    from vocoder.training.checkpoint import load_checkpoint
+    from vocoder.models import model_from_arch, model_from_checkpoint
     from vocoder.training.trainer import Trainer, seed_everything
 
     if str(cfg.model.kind) != "student":
@@ -60,7 +60,7 @@ def main(cfg) -> None:
     corpus = prepare_data(cfg, features, int(cfg.trainer.segment_frames) * features.hop_length)
     seed_everything(int(cfg.seed))
     arch = OmegaConf.to_container(cfg.arch.student, resolve=True)
-    student = build_model("student", features.n_mels, features.hop_length, arch)
+    student = model_from_arch("student", features.n_mels, features.hop_length, arch)
     make_objective = make_distill_objective(teacher, cfg.distill, features)
     objective = make_objective(student)
     _check_segments(cfg, objective, features.hop_length)

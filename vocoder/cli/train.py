@@ -17,7 +17,7 @@ from vocoder.errors import VocoderError
 
 @hydra_app("config")
 def main(cfg) -> None:
-    from vocoder.models import build_model
+    from vocoder.models import model_from_arch
     from vocoder.training.trainer import Trainer, seed_everything
 
     kind = str(cfg.model.kind)
@@ -30,7 +30,7 @@ def main(cfg) -> None:
     min_samples = int(cfg.trainer.segment_frames) * features.hop_length
     corpus = prepare_data(cfg, features, min_samples)
     seed_everything(int(cfg.seed))
-    model = build_model(kind, features.n_mels, features.hop_length, dict(cfg.arch[kind]))
+    model = model_from_arch(kind, features.n_mels, features.hop_length, dict(cfg.arch[kind]))
     trainer = Trainer(cfg, model, corpus, features.config.to_dict())
     n_params = sum(p.numel() for p in model.parameters())
     if trainer.dist.is_main:

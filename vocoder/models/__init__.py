@@ -24,8 +24,26 @@ def model_class(kind: str) -> type[Vocoder]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(kind: str, n_mels: int, hop_length: int, arch: dict | None = None) -> Vocoder:
+def model_from_arch(kind: str, n_mels: int, hop_length: int, arch: dict | None = None) -> Vocoder:
+    """A fresh model of ``kind`` for mels of ``n_mels`` bands and ``hop_length``, with the
+    architecture keywords ``arch`` (``features`` is left ``None``: see :func:`build_model`)."""
     return model_class(kind)(n_mels=n_mels, hop_length=hop_length, **dict(arch or {}))
+
+
+def build_model(kind: str, preset: str = "tacotron2", experiment: str = "debug",
+                **arch_overrides) -> Vocoder:
+    """A fresh (untrained) model of ``kind`` with the sizes of the ``experiment`` config preset
+    (``conf/experiment/<experiment>.yaml``), any keyword overriding one of them, for mels of
+    the front-end ``preset``, which the model carries as ``model.features``."""
+    from vocoder.config import experiment_arch
+    from vocoder.features import MelFrontEnd
+
+    model_class(kind)  # unknown kinds fail here, before any file is read
+    features = MelFrontEnd.from_preset(preset)
+    arch = {**experiment_arch(experiment, kind), **arch_overrides}
+    model = model_from_arch(kind, features.n_mels, features.hop_length, arch)
+    model.features = features
+    return model
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> Vocoder:
@@ -33,7 +51,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> Vocoder:
     arch = dict(ckpt["arch"])
     # Checkpoints written before audio_scale existed hold models of raw amplitudes.
     arch.setdefault("audio_scale", 1.0)
-    model = build_model(ckpt["kind"], ckpt["n_mels"], ckpt["hop_length"], arch)
+    model = model_from_arch(ckpt["kind"], ckpt["n_mels"], ckpt["hop_length"], arch)
     state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     return model
@@ -45,8 +63,8 @@ def load_model(path, device: str | torch.device = "cpu", use_ema: bool = True) -
     The returned model carries ``features`` (a :class:`~vocoder.features.MelFrontEnd` of the
     preset it was trained with) and ``checkpoint_path``.
     """
+    from vocoder.checkpoint import CheckpointError, load_checkpoint
     from vocoder.features import MelFrontEnd
-    from vocoder.training.checkpoint import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(path)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Self
 
+import torch
 from torch import Tensor, nn
 
 
@@ -21,13 +22,17 @@ class Vocoder(nn.Module):
 
     kind: str = ""
     #: Set by :meth:`prepare_for_inference`, whose layout (weight norm removed, layers fused)
-    #: no checkpoint can hold: :func:`~vocoder.training.checkpoint.make_checkpoint` refuses it.
+    #: no checkpoint can hold: :func:`~vocoder.checkpoint.make_checkpoint` refuses it.
     prepared: bool = False
 
     def __init__(self, n_mels: int, hop_length: int):
         super().__init__()
         self.n_mels = n_mels
         self.hop_length = hop_length
+        #: The :class:`~vocoder.features.MelFrontEnd` whose mels the model reads, set by
+        #: :func:`~vocoder.models.build_model` and :func:`~vocoder.models.load_model` (``None``
+        #: for a model built from its class alone). Its buffers are not in the state dict.
+        self.features = None
 
     def check_mel_shape(self, mel: Tensor, length: int) -> None:
         """Raise ``ValueError`` unless ``mel`` is ``[B, n_mels, length // hop_length]``."""
@@ -47,10 +52,24 @@ class Vocoder(nn.Module):
         log-likelihood in nats per sample."""
         raise NotImplementedError
 
-    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
-        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop_length]``. ``sigma`` scales the
-        latent noise (``None`` means the model's default)."""
+    def synthesize(self, mel: Tensor, sigma: float | None = None,
+                   z: Tensor | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop_length]``. ``z [B, F * hop_length]`` is
+        standard normal latent noise (drawn when ``None``; given, the result is
+        deterministic), scaled by ``sigma`` (``None`` means the model's default)."""
         raise NotImplementedError
+
+    def noise(self, mel: Tensor, z: Tensor | None = None) -> Tensor:
+        """The latent noise for ``mel [B, n_mels, F]``: ``z`` checked to be ``[B, F * hop]``, or
+        drawn from N(0, 1); in the mel's device and dtype."""
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
+            raise ValueError(f"mel must be [B, {self.n_mels}, F], got {tuple(mel.shape)}")
+        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
+        if z is None:
+            return torch.randn(shape, device=mel.device, dtype=mel.dtype)
+        if tuple(z.shape) != shape:
+            raise ValueError(f"z must be {list(shape)} for this mel, got {list(z.shape)}")
+        return z.to(mel)
 
     def _in_model_dtype(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """The inputs in the model's floating dtype (soundfile reads float64, say); a no-op,

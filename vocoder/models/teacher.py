@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vocoder.losses import gaussian_log_prob
 from vocoder.models.base import Vocoder
-from vocoder.nn.wavenet import IncrementalStack, MelUpsampler, WaveNetStack
+from vocoder.nn.baking import bake_wavenet
+from vocoder.nn.incremental import IncrementalStack
+from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
 
-LOG_2PI = math.log(2 * math.pi)
 # Audio in [-1, 1] comes from 16-bit integers k / 32768: one quantisation step.
 QUANTISATION_STEP = 1.0 / 32768
 # Elements of per-layer conditioning computed ahead of the sampling loop at a time.
@@ -29,12 +31,6 @@ _TERMS_BUDGET = 1 << 22
 # Captured CUDA-graph samplers, one per teacher (outside the module, so that copying or
 # saving a teacher never touches a graph).
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def gaussian_log_prob(x: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
-    """Elementwise ``log N(x; mu, exp(log_sigma)^2)`` in nats."""
-    z = (x - mu) * torch.exp(-log_sigma)
-    return -0.5 * (z * z + LOG_2PI) - log_sigma
 
 
 class Teacher(Vocoder):
@@ -57,7 +53,13 @@ class Teacher(Vocoder):
       output ones, which at demo sizes took hundreds of steps before the mean predicted
       anything (validation NLL -1.5 against -3.5 with the scaling, after 300 steps);
     * ``log_sigma_min``: floor of the predicted log standard deviation (in audio units);
-    * ``weight_norm``: weight-normalise the WaveNet's convolutions while training.
+    * ``weight_norm``: weight-normalise the WaveNet's convolutions while training;
+    * ``nll_beta``: beta-NLL (Seitzer et al., 2022) in training: each sample's negative
+      log-likelihood is weighted by ``sigma_t ** (2 * beta)`` (no gradient through the
+      weight; weights normalised to mean 1 per batch). The Gaussian NLL's gradient on the mean
+      is ``(mu - x) / sigma^2``, so where a target is hard to predict (a glottal pulse) plain
+      NLL (beta 0) raises sigma and thereby starves the mean; beta 0.5 leaves it
+      ``(mu - x) / sigma`` and beta 1 the squared error's.
     """
 
     kind = "teacher"
@@ -67,10 +69,13 @@ class Teacher(Vocoder):
                  skip_channels: int = 128, kernel_size: int = 3, cond_channels: int = 80,
                  upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
                  audio_scale: float = 0.1, log_sigma_min: float = -7.0,
-                 weight_norm: bool = False):
+                 weight_norm: bool = False, nll_beta: float = 0.0):
         super().__init__(n_mels, hop_length)
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
+        if not 0.0 <= nll_beta <= 1.0:
+            raise ValueError(f"nll_beta must be in [0, 1], got {nll_beta}")
+        self.nll_beta = float(nll_beta)
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
         self.wavenet = WaveNetStack(
@@ -87,6 +92,7 @@ class Teacher(Vocoder):
             cond_channels=cond_channels, upsample_scales=list(self.upsampler.scales),
             frame_context=frame_context, audio_scale=self.audio_scale,
             log_sigma_min=self.log_sigma_min, weight_norm=weight_norm,
+            nll_beta=self.nll_beta,
         )
 
     def arch_config(self) -> dict:
@@ -131,26 +137,24 @@ class Teacher(Vocoder):
         each value over its quantisation bin, so the continuous density is a proper bound for
         the discrete data. Metrics: ``nll`` (nats per sample, of the density over amplitudes in
         [-1, 1], so it can be negative), ``bits_per_sample`` (the implied code length of the
-        16-bit integers, ``(nll + ln 32768) / ln 2``) and ``log_sigma_mean``.
+        16-bit integers, ``(nll + ln 32768) / ln 2``) and ``log_sigma_mean``. With ``nll_beta``
+        the loss is the beta-weighted NLL (see the class docstring) and ``nll`` stays plain.
         """
         x = audio + (torch.rand_like(audio) - 0.5) * QUANTISATION_STEP
         mu, log_sigma = self(x, mel)
-        loss = -gaussian_log_prob(x, mu, log_sigma).mean()
-        nll = float(loss.detach())
+        log_p = gaussian_log_prob(x, mu, log_sigma)
+        nll = float(-log_p.detach().mean())
+        if self.nll_beta:
+            weight = torch.exp(2.0 * self.nll_beta * log_sigma.detach())
+            loss = -(log_p * weight).sum() / weight.sum()
+        else:
+            loss = -log_p.mean()
         metrics = {
             "nll": nll,
             "bits_per_sample": (nll - math.log(QUANTISATION_STEP)) / math.log(2),
             "log_sigma_mean": float(log_sigma.detach().mean()),
         }
         return loss, metrics
-
-    def _noise(self, mel: Tensor, z: Tensor | None) -> Tensor:
-        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
-        if z is None:
-            return torch.randn(shape, device=mel.device, dtype=mel.dtype)
-        if tuple(z.shape) != shape:
-            raise ValueError(f"z must be {list(shape)} for this mel, got {list(z.shape)}")
-        return z.to(mel)
 
     @torch.no_grad()
     def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0,
@@ -162,14 +166,15 @@ class Teacher(Vocoder):
         every layer's conditioning is projected ahead, one matrix product per chunk of steps
         (for the whole utterance at once it would take ``n_layers * gate_channels`` floats per
         sample, half a gigabyte per second of audio at paper size); each step then runs the
-        cached WaveNet (:class:`~vocoder.nn.wavenet.IncrementalStack`) on the previous sample.
+        cached WaveNet (:class:`~vocoder.nn.incremental.IncrementalStack`) on the previous
+        sample.
 
         ``cuda_graph`` (default: on for CUDA inputs) records one chunk's kernel sequence as a
         CUDA graph and replays it for every chunk (see :class:`_SamplingChunks`); the graph
         is kept for further calls with the same batch, device, dtype and unchanged weights.
         """
         mel = mel.to(self.wavenet.input.weight)
-        noise = self._noise(mel, z)
+        noise = self.noise(mel, z)
         batch, length = noise.shape
         cond = self._conditioning(mel, length)
         if cuda_graph is None:
@@ -213,16 +218,18 @@ class Teacher(Vocoder):
     def _sample_naive(self, mel: Tensor, z: Tensor) -> Tensor:
         """Reference sampler for tests: the full parallel forward over the whole sequence at
         every step (quadratic time)."""
-        z = self._noise(mel, z)
+        z = self.noise(mel, z)
         x = torch.zeros_like(z)
         for t in range(x.shape[-1]):
             mu, log_sigma = self(x, mel)
             x[:, t] = mu[:, t] + torch.exp(log_sigma[:, t]) * z[:, t]
         return x
 
-    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
-        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]``; ``sigma`` defaults to 1.0."""
-        return self.sample(mel, sigma=1.0 if sigma is None else sigma)
+    def synthesize(self, mel: Tensor, sigma: float | None = None,
+                   z: Tensor | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from noise ``z`` (drawn when
+        ``None``) times ``sigma`` (default 1.0), by cached sampling."""
+        return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma)
 
     def prepare_for_inference(self) -> Teacher:
         self.wavenet.remove_weight_norm()
@@ -236,7 +243,7 @@ class _SamplingChunks:
     A chunk reads the per-layer conditioning ``terms [steps, n_layers, B, G]`` and the scaled
     noise ``noise [steps, B, 1]`` and writes ``x [steps, B, 1]``; the last sample is carried
     into the next chunk in ``previous [B, 1]``. ``steps`` is a multiple of the stepper's
-    :attr:`~vocoder.nn.wavenet.IncrementalStack.period`, so every chunk starts at the same
+    :attr:`~vocoder.nn.incremental.IncrementalStack.period`, so every chunk starts at the same
     phase of all tap buffers and issues the same kernels on the same addresses: with
     ``capture=True`` (CUDA) one chunk is recorded as a CUDA graph and each later chunk is one
     replay, which removes the per-kernel launch cost (about 5 kernels per layer per sample).
@@ -269,18 +276,12 @@ class _SamplingChunks:
 
     @staticmethod
     def _stepper(teacher: Teacher, batch: int) -> IncrementalStack:
-        stepper = IncrementalStack(teacher.wavenet, batch)
-        # The audio-unit scaling of forward(), folded into new copies of the stepper's input
-        # and output matrices (the baked ones may share memory with the parameters).
+        # The audio-unit scaling of forward() baked into the input and output matrices.
         scale = teacher.audio_scale
-        out_scale = torch.ones_like(stepper.output_bias)
-        out_scale[0] = scale
-        out_shift = torch.zeros_like(stepper.output_bias)
-        out_shift[1] = math.log(scale)
-        stepper.input_weight = stepper.input_weight / scale
-        stepper.output_weight = stepper.output_weight * out_scale
-        stepper.output_bias = stepper.output_bias * out_scale + out_shift
-        return stepper
+        baked = bake_wavenet(teacher.wavenet, input_scale=1.0 / scale,
+                             output_scale=(scale, 1.0), output_shift=(0.0, math.log(scale)),
+                             fold_first_layer=False)
+        return IncrementalStack(baked, batch)
 
     def _steps(self, n: int) -> None:
         stepper, log_sigma_min, scale = self.stepper, self.log_sigma_min, self.scale

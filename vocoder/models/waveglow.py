@@ -1,5 +1,5 @@
 """WaveGlow (Prenger, Valle & Catanzaro, 2019), laid out like NVIDIA's published model so that
-its weights import exactly (see :mod:`vocoder.models.waveglow_import`).
+its weights import exactly (see :mod:`vocoder.waveglow_import`).
 
 Shapes: audio ``[B, T]`` with ``T`` a multiple of ``n_group``; mels ``[B, n_mels, F]`` with
 ``(F - 1) * hop + upsample_kernel >= T`` (``T = F * hop`` for training segments and synthesis).
@@ -185,15 +185,14 @@ class WaveGlow(Vocoder):
         return nll, {"nll": value, "bits_per_sample": bits}
 
     @torch.no_grad()
-    def synthesize(self, mel: Tensor, sigma: float | None = None) -> Tensor:
-        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from ``z ~ N(0, sigma^2)``
-        (``sigma`` defaults to the model's, 0.6)."""
+    def synthesize(self, mel: Tensor, sigma: float | None = None,
+                   z: Tensor | None = None) -> Tensor:
+        """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from noise ``z`` (standard normal,
+        drawn when ``None``; layout in the module docstring) times ``sigma`` (default: the
+        model's, 0.6)."""
         sigma = self.sigma if sigma is None else float(sigma)
-        if mel.dim() != 3:
-            raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
-        shape = (mel.shape[0], mel.shape[-1] * self.hop_length)
-        z = torch.randn(shape, device=mel.device).mul_(sigma).to(self._dtype)
-        return self.decode(z, mel)
+        mel = mel.to(self._dtype)
+        return self.decode(self.noise(mel, z) * sigma, mel)
 
     def prepare_for_inference(self) -> WaveGlow:
         """Remove weight norm, fold biases, each ``end`` conv and each first WN layer (through

@@ -2,17 +2,10 @@
 
 Shapes: ``B`` batch, ``C`` channels, ``T`` time steps (audio samples), ``F`` mel frames.
 
-A :class:`WaveNetStack` runs two ways:
-
-* **parallel**: ``forward(x [B, C_in, T], cond [B, C_cond, T]) -> [B, C_out, T]``, for training
-  and for scoring audio in one pass;
-* **incremental**: ``reset_state(batch)``, then ``step`` once per time step. Every dilated
-  convolution keeps only the last ``(kernel_size - 1) * dilation + 1`` of its inputs (the Fast
-  WaveNet idea), so a step costs the same whatever the receptive field.
-
-The incremental path reads the weights once, at ``reset_state``, into matrices laid out for
-``torch.addmm`` and then writes every intermediate into preallocated buffers: it is the hot
-loop of teacher sampling. Gradients do not flow through it.
+These are the training forms (autograd, parallel over time). Their inference forms are built
+from them by one baking step (:mod:`vocoder.nn.baking`): step by step
+(:mod:`vocoder.nn.incremental`, teacher sampling) and parallel (:mod:`vocoder.nn.parallel`,
+student synthesis).
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-SQRT_HALF = math.sqrt(0.5)
+from vocoder.nn.baking import SQRT_HALF
 
 
 def remove_weight_norm(module: nn.Module) -> None:
@@ -38,64 +31,9 @@ def remove_weight_norm(module: nn.Module) -> None:
             parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
 
 
-class TapBuffer:
-    """Input history of one dilated causal convolution, for step-by-step use.
-
-    A step at time ``t`` needs the ``k`` taps ``t - (k-1)d, ..., t - d, t``. They are stored by
-    residue ``t mod d``, and each residue keeps a doubled ring of ``k`` slots (every write goes
-    to slot ``j`` and ``j + k``), so the ``k`` newest entries of a residue are adjacent in
-    memory: the taps are always one contiguous ``[B, k * C]`` view, oldest first, matching
-    :meth:`CausalConv1d.flat_weight`. Memory is ``2 * k * d`` vectors; a step touches ``O(k)``
-    of them whatever ``d`` is. All views are built here, once.
-
-    The buffer starts as zeros, which is exactly the zero padding of the parallel forward.
-    """
-
-    def __init__(self, batch: int, channels: int, kernel_size: int, dilation: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        k, d = kernel_size, dilation
-        self.buffer = torch.zeros(batch, d, 2 * k, channels, device=device, dtype=dtype)
-        self._phases = []
-        for phase in range(d * k):
-            residue, slot = phase % d, (phase // d) % k
-            self._phases.append((
-                self.buffer[:, residue, slot],
-                self.buffer[:, residue, slot + k],
-                self.buffer[:, residue, slot + 1:slot + k + 1].view(batch, k * channels),
-            ))
-        self.period = d * k
-        self._t = 0
-
-    def reset(self) -> None:
-        """Zero the history and go back to time 0 (the views stay valid)."""
-        self.buffer.zero_()
-        self._t = 0
-
-    def advance(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Move to the next time step; returns ``(slot, mirror, taps)``.
-
-        The caller writes the new input ``[B, C]`` into ``slot`` and copies it into ``mirror``;
-        ``taps [B, k * C]`` then holds this step's taps.
-        """
-        views = self._phases[self._t % self.period]
-        self._t += 1
-        return views
-
-    def push(self, x: Tensor) -> Tensor:
-        """Store input ``x [B, C]`` for the next time step and return its taps ``[B, k * C]``."""
-        slot, mirror, taps = self.advance()
-        slot.copy_(x)
-        mirror.copy_(x)
-        return taps
-
-
 class CausalConv1d(nn.Module):
     """Dilated causal convolution: ``[B, C_in, T] -> [B, C_out, T]``, output ``t`` depending
     on inputs ``t - (k-1) * dilation ... t`` only (left zero padding).
-
-    ``reset_state(batch)`` then ``step(x_t [B, C_in, 1]) -> [B, C_out, 1]`` runs it one step
-    at a time with the same result as the parallel forward; the weights are read at
-    ``reset_state``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
@@ -108,9 +46,6 @@ class CausalConv1d(nn.Module):
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.left_padding = (kernel_size - 1) * dilation
-        self._taps: TapBuffer | None = None
-        self._step_weight: Tensor | None = None
-        self._step_bias: Tensor | None = None
 
     @property
     def receptive_field(self) -> int:
@@ -118,36 +53,6 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (self.left_padding, 0)))
-
-    def flat_weight(self) -> Tensor:
-        """The kernel as one matrix ``[k * C_in, C_out]`` for taps laid out oldest first
-        (``[B, k, C_in]`` flattened), so a step is ``taps @ flat_weight + bias``."""
-        return self.conv.weight.permute(2, 1, 0).reshape(-1, self.out_channels)
-
-    def reset_state(self, batch: int, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> None:
-        """Start incremental use at time 0 (empty history) for ``batch`` sequences."""
-        weight = self.conv.weight
-        device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype
-        with torch.no_grad():
-            self._step_weight = self.flat_weight().to(device, dtype).contiguous()
-            bias = self.conv.bias
-            self._step_bias = None if bias is None else bias.detach().to(device, dtype)
-        self._taps = TapBuffer(batch, self.in_channels, self.kernel_size, self.dilation,
-                               device, dtype)
-
-    def clear_state(self) -> None:
-        self._taps = self._step_weight = self._step_bias = None
-
-    def step(self, x_t: Tensor) -> Tensor:
-        """``x_t [B, C_in, 1]`` (the input at the next time step) -> ``[B, C_out, 1]``."""
-        if self._taps is None:
-            raise RuntimeError("call reset_state(batch) before step()")
-        taps = self._taps.push(x_t[:, :, 0])
-        if self._step_bias is None:
-            return (taps @ self._step_weight).unsqueeze(-1)
-        return torch.addmm(self._step_bias, taps, self._step_weight).unsqueeze(-1)
 
 
 class ResidualBlock(nn.Module):
@@ -175,7 +80,8 @@ class ResidualBlock(nn.Module):
         out_channels = skip_channels + (residual_channels if has_residual else 0)
         self.out = nn.Conv1d(gate_channels // 2, out_channels, 1)
 
-    def _finish(self, h: Tensor, gate: Tensor, cond: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    def forward(self, h: Tensor, cond: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        gate = self.conv(h)
         if cond is not None:
             gate = gate + cond
         filt, gate_half = gate.chunk(2, dim=1)
@@ -184,20 +90,6 @@ class ResidualBlock(nn.Module):
             return None, out
         residual, skip = out.split([self.residual_channels, self.skip_channels], dim=1)
         return (h + residual) * SQRT_HALF, skip
-
-    def forward(self, h: Tensor, cond: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-        return self._finish(h, self.conv(h), cond)
-
-    def reset_state(self, batch: int, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> None:
-        self.conv.reset_state(batch, device, dtype)
-
-    def clear_state(self) -> None:
-        self.conv.clear_state()
-
-    def step(self, h_t: Tensor, cond_t: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-        """``h_t [B, R, 1]``, ``cond_t [B, G, 1]`` -> ``(h_next [B, R, 1], skip [B, S, 1])``."""
-        return self._finish(h_t, self.conv.step(h_t), cond_t)
 
 
 class WaveNetStack(nn.Module):
@@ -249,7 +141,6 @@ class WaveNetStack(nn.Module):
                 normed.append(self.head[-1])
             for module in normed:
                 parametrizations.weight_norm(module)
-        self._stepper: IncrementalStack | None = None
 
     @property
     def receptive_field(self) -> int:
@@ -275,157 +166,6 @@ class WaveNetStack(nn.Module):
 
     def remove_weight_norm(self) -> None:
         remove_weight_norm(self)
-
-    def reset_state(self, batch: int, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> IncrementalStack:
-        """Start incremental use at time 0 for ``batch`` sequences; returns the stepper (whose
-        ``step`` is the allocation-free hot path) and keeps it for :meth:`step`."""
-        self._stepper = IncrementalStack(self, batch, device, dtype)
-        return self._stepper
-
-    def clear_state(self) -> None:
-        self._stepper = None
-
-    def step(self, x_t: Tensor, cond_t: Tensor | None = None) -> Tensor:
-        """``x_t [B, C_in, 1]``, ``cond_t [B, C_cond, 1]`` -> ``[B, C_out, 1]`` (a new tensor)."""
-        if self._stepper is None:
-            raise RuntimeError("call reset_state(batch) before step()")
-        self._check_cond(cond_t)
-        stepper = self._stepper
-        terms = None if cond_t is None else stepper.conditioning_terms(cond_t)[0]
-        return stepper.step(x_t[:, :, 0], terms).clone().unsqueeze(-1)
-
-
-class IncrementalStack:
-    """A :class:`WaveNetStack` baked for step-by-step inference.
-
-    Built by :meth:`WaveNetStack.reset_state`. The weights are copied once into ``addmm``
-    layouts and every intermediate has a preallocated buffer, so a step allocates nothing and
-    runs five small kernels per layer:
-
-    * the gate is computed with one sigmoid: ``tanh(a) = 2 * sigmoid(2a) - 1``, so with the
-      filter half of the gate weights doubled, ``sigmoid(b) - 2 * sigmoid(2a) * sigmoid(b)``
-      (one ``addcmul``) is ``-tanh(a) * sigmoid(b)``; the sign goes into the 1x1s after it;
-    * each layer's gated output sits in one buffer beside a constant 1, so the 1x1 biases are
-      rows of their matrices: the residual update ``sqrt(0.5) * (h + W g + b)`` is one
-      ``addmm``, and all layers' skip 1x1s (and the ``sqrt(1 / n_layers)`` scale) are one
-      matrix product per step.
-    """
-
-    def __init__(self, stack: WaveNetStack, batch: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        ref = stack.input.weight
-        device = ref.device if device is None else device
-        dtype = ref.dtype if dtype is None else dtype
-        n_layers, gate = stack.n_layers, stack.gate_channels
-        half = gate // 2
-        self.n_layers, self.gate_channels = n_layers, gate
-
-        def baked(t: Tensor) -> Tensor:
-            return t.detach().to(device, dtype).contiguous()
-
-        def with_bias(conv: nn.Conv1d, rows: slice, scale: float) -> Tensor:
-            # A 1x1 conv as [C_in + 1, C_out] for [g, 1] @ W, negated to undo the gate's sign.
-            weight = torch.cat([conv.weight[rows, :, 0].t(), -conv.bias[rows][None]])
-            return baked(weight * -scale)
-
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(*shape, device=device, dtype=dtype)
-
-        with torch.no_grad():
-            # Doubles the filter half of every layer's gate inputs (see the class docstring).
-            gate_scale = torch.ones(gate, device=ref.device, dtype=ref.dtype)
-            gate_scale[:half] = 2.0
-            self.input_weight = baked(stack.input.weight[:, :, 0].t())
-            self.input_bias = baked(stack.input.bias)
-            self.conv_bias = baked(torch.cat([b.conv.conv.bias * gate_scale
-                                              for b in stack.blocks]))
-            self.cond_weight = (None if stack.cond is None else baked(
-                stack.cond.weight[:, :, 0].t() * gate_scale.repeat(n_layers)))
-            # [B, n_layers, G/2 + 1]: each layer's gated output, then a constant 1.
-            self.gated = zeros(batch, n_layers, half + 1)
-            self.gated[:, :, half] = 1.0
-            self.taps = [TapBuffer(batch, b.conv.in_channels, b.conv.kernel_size,
-                                   b.conv.dilation, device, dtype) for b in stack.blocks]
-            skip_scale = math.sqrt(1.0 / n_layers)
-            skip_weights = []
-            self.layers = []
-            for i, block in enumerate(stack.blocks):
-                n_res = block.residual_channels if block.has_residual else 0
-                skip_weights.append(with_bias(block.out, slice(n_res, None), skip_scale))
-                self.layers.append((
-                    baked(block.conv.flat_weight() * gate_scale),
-                    self.gated[:, i, :half],
-                    self.gated[:, i],
-                    with_bias(block.out, slice(0, n_res), SQRT_HALF) if n_res else None,
-                    self.taps[i + 1] if n_res else None,
-                ))
-            self.skip_weight = torch.cat(skip_weights)
-            self.hidden_weight = baked(stack.head[1].weight[:, :, 0].t())
-            self.hidden_bias = baked(stack.head[1].bias)
-            self.output_weight = baked(stack.head[3].weight[:, :, 0].t())
-            self.output_bias = baked(stack.head[3].bias)
-        self.layer_biases = self.conv_bias.view(n_layers, 1, gate)
-        self.gated_all = self.gated.view(batch, -1)
-        self.gate = zeros(batch, gate)
-        self.filter_half, self.gate_half = self.gate[:, :half], self.gate[:, half:]
-        self.skip = zeros(batch, self.skip_weight.shape[1])
-        self.hidden = torch.zeros_like(self.skip)
-        self.output = zeros(batch, stack.out_channels)
-
-    @property
-    def period(self) -> int:
-        """Steps after which every tap buffer is back at the same phase (the least common
-        multiple of their ``kernel_size * dilation``): runs of this many steps from time 0
-        touch the same buffers in the same order, which a CUDA graph needs."""
-        return math.lcm(*(taps.period for taps in self.taps))
-
-    def reset(self) -> None:
-        """Back to time 0 with an all-zero history, keeping every buffer's address."""
-        for taps in self.taps:
-            taps.reset()
-
-    def conditioning_terms(self, cond: Tensor, out: Tensor | None = None) -> Tensor:
-        """Per-layer gate inputs from conditioning: ``cond [B, C_cond, T]`` ->
-        ``[T, n_layers, B, G]`` (each layer's 1x1 projection plus its conv bias, in the
-        stepper's internal scaling), written into ``out`` when given.
-
-        Computed ahead for a run of steps in one matrix product; item ``t`` is ``terms`` for
-        :meth:`step`.
-        """
-        if self.cond_weight is None:
-            raise ValueError("an unconditional stack has no conditioning terms")
-        batch, _, length = cond.shape
-        proj = torch.addmm(self.conv_bias, cond.permute(2, 0, 1).reshape(length * batch, -1),
-                           self.cond_weight)
-        terms = proj.view(length, batch, self.n_layers, self.gate_channels).transpose(1, 2)
-        return terms.contiguous() if out is None else out.copy_(terms)
-
-    def step(self, x_t: Tensor, terms: Tensor | None = None) -> Tensor:
-        """One time step: ``x_t [B, C_in]`` and ``terms [n_layers, B, G]`` (an item of
-        :meth:`conditioning_terms`; ``None`` for an unconditional stack) -> ``[B, C_out]``.
-
-        The result is a buffer that the next step overwrites.
-        """
-        slot, mirror, taps = self.taps[0].advance()
-        torch.addmm(self.input_bias, x_t, self.input_weight, out=slot)
-        mirror.copy_(slot)
-        gate, filter_half, gate_half = self.gate, self.filter_half, self.gate_half
-        for term, (conv_weight, gated, gated_one, residual_weight, next_taps) in zip(
-                self.layer_biases if terms is None else terms, self.layers, strict=True):
-            torch.addmm(term, taps, conv_weight, out=gate)
-            gate.sigmoid_()
-            torch.addcmul(gate_half, filter_half, gate_half, value=-2.0, out=gated)
-            if next_taps is not None:
-                next_slot, mirror, taps = next_taps.advance()
-                torch.addmm(slot, gated_one, residual_weight, beta=SQRT_HALF, out=next_slot)
-                mirror.copy_(next_slot)
-                slot = next_slot
-        torch.mm(self.gated_all, self.skip_weight, out=self.skip)
-        self.skip.relu_()
-        torch.addmm(self.hidden_bias, self.skip, self.hidden_weight, out=self.hidden)
-        self.hidden.relu_()
-        return torch.addmm(self.output_bias, self.hidden, self.output_weight, out=self.output)
 
 
 def default_upsample_scales(hop_length: int) -> list[int]:
@@ -476,8 +216,55 @@ class MelUpsampler(nn.Module):
             nn.init.constant_(smoother.weight, 1.0 / (2 * s + 1))
             self.smoothers.append(smoother)
 
-    def forward(self, mel: Tensor) -> Tensor:
-        c = self.frame_conv(mel).unsqueeze(1)  # [B, 1, C, F]: 2-D so one kernel serves all C
+    def project_frames(self, mel: Tensor) -> Tensor:
+        """The first, per-frame convolution: ``mel [B, n_mels, F]`` -> ``[B, C, F]``."""
+        return self.frame_conv(mel)
+
+    def stretch(self, frames: Tensor) -> Tensor:
+        """The rest of :meth:`forward`: ``[..., F]`` -> ``[..., F * hop]``, every row alike (a
+        linear map of the time axis)."""
+        # [N, 1, rows, F]: 2-D convolutions with one kernel for every row
+        c = frames.reshape(-1, 1, frames.shape[-2] if frames.dim() > 1 else 1, frames.shape[-1])
         for s, smoother in zip(self.scales, self.smoothers, strict=True):
             c = smoother(c.repeat_interleave(s, dim=-1))
-        return c.squeeze(1)
+        return c.reshape(*frames.shape[:-1], -1)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        return self.stretch(self.project_frames(mel))
+
+    @torch.no_grad()
+    def polyphase(self, frames: int, device: torch.device | str,
+                  dtype: torch.dtype) -> tuple[Tensor, int]:
+        """:meth:`stretch` for ``frames`` frames as a banded matrix, in polyphase form.
+
+        :meth:`stretch` is linear in time and treats every channel alike, so it maps frames to
+        samples by one matrix ``M [F, F * hop]`` (replicate padding at the edges is linear
+        too): stretching the identity gives it. Sample ``i * hop + p`` reads only frames
+        ``i - J .. i + J``. Returns ``(A, J)`` with ``A [F, hop, 2J + 1]``,
+        ``A[i, p, j] = M[i + j - J, i * hop + p]`` (zero outside the utterance). Any per-frame
+        projection ``W`` commutes with it: ``W stretch(c) = stretch(W c)``, so a network can
+        project the frames (:meth:`project_frames`) before upsampling them.
+
+        Only frames within ``E`` of either end see the edge padding (``E`` bounds how far the
+        smoothing reaches); every frame between has the same weights. So ``M`` is computed for
+        ``2E + 1`` frames at most, and the middle frame's weights are repeated.
+        """
+        hop, rate, reach_samples = self.hop_length, 1, 0.0
+        for scale, smoother in zip(self.scales, self.smoothers, strict=True):
+            rate *= scale
+            reach_samples += (smoother.kernel_size[-1] // 2 + 1) * hop / rate
+        edge = math.ceil(reach_samples / hop) + 1
+        probe = min(frames, 2 * edge + 1)
+        weight = self.smoothers[0].weight
+        matrix = self.stretch(torch.eye(probe, device=weight.device, dtype=weight.dtype))
+        matrix = matrix.to(device, dtype)
+        support = matrix.nonzero()
+        reach = int((support[:, 0] - support[:, 1] // hop).abs().max()) if len(support) else 0
+        padded = F.pad(matrix, (0, 0, reach, reach))
+        bands = torch.stack([padded[j:j + probe].view(probe, probe, hop)
+                             .diagonal(dim1=0, dim2=1).t() for j in range(2 * reach + 1)],
+                            dim=-1)
+        if probe < frames:
+            middle = bands[edge:edge + 1].expand(frames - 2 * edge, -1, -1)
+            bands = torch.cat([bands[:edge], middle, bands[edge + 1:]])
+        return bands, reach

@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vocoder.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from vocoder.data.corpus import PreparedCorpus
 from vocoder.data.dataset import SegmentDataset, SegmentSampler, validation_batches
 from vocoder.errors import VocoderError
 from vocoder.training import distributed as D
-from vocoder.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 
 
 class TrainingLoss(nn.Module):

@@ -470,8 +470,8 @@ def convert_waveglow(input_path: str | os.PathLike, output_path: str | os.PathLi
                      features_preset: str = "tacotron2") -> WaveGlow:
     """Convert NVIDIA WaveGlow weights at ``input_path`` into a checkpoint at ``output_path``
     (written atomically, nothing on failure) with the given mel preset; returns the model."""
+    from vocoder.checkpoint import make_checkpoint, save_checkpoint
     from vocoder.features import PRESETS
-    from vocoder.training.checkpoint import make_checkpoint, save_checkpoint
 
     if features_preset not in PRESETS:
         raise VocoderError(f"unknown mel preset {features_preset!r}; "

@@ -26,13 +26,10 @@ from pathlib import Path
 import torch
 
 from vocoder.atomic import atomic_path
+from vocoder.errors import CheckpointError
 
 FORMAT = "flow-vocoder"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
