@@ -204,7 +204,8 @@ def periodicity(audio, f0, sample_rate: int, hop_length: int, window: int = 1024
     frame, 0 = unvoiced; frame ``i`` centred on sample ``i * hop``) is voiced, of the
     normalised autocorrelation of a ``window``-sample stretch at the period ``sr / f0`` (the
     best of the lags within one sample of it, and one more above). 1 for a perfectly periodic
-    signal at that pitch, about 0 for noise, NaN when no frame is voiced.
+    signal at that pitch, about 0 for noise (slightly above: the best of four lags), NaN when
+    no frame is voiced.
 
     Unlike an F0 tracker's decision it cannot be fooled by formant ringing of unvoiced output:
     it asks whether the synthesis repeats at the reference's own period.
@@ -218,15 +219,13 @@ def periodicity(audio, f0, sample_rate: int, hop_length: int, window: int = 1024
             continue
         segment = x[first:first + window] - x[first:first + window].mean()
         period = sample_rate / f0[i]
-        best = -1.0
-        for lag in range(max(1, int(period) - 1), int(period) + 3):
-            if lag >= window:
-                break
+        scores = [0.0]  # a silent window scores 0
+        for lag in range(max(1, int(period) - 1), min(int(period) + 3, window)):
             a, b = segment[:-lag], segment[lag:]
             norm = math.sqrt(float(a @ a) * float(b @ b))
             if norm > 0:
-                best = max(best, float(a @ b) / norm)
-        values.append(max(best, 0.0))
+                scores.append(float(a @ b) / norm)
+        values.append(max(scores[1:]) if len(scores) > 1 else 0.0)
     return float(np.mean(values)) if values else float("nan")
 
 
