@@ -207,3 +207,28 @@ def test_failed_graph_capture_falls_back_to_eager_sampling(monkeypatch):
     monkeypatch.setattr(Teacher, "_sampling_chunks", lambda self, batch, cuda_graph: chunks)
     torch.testing.assert_close(teacher.sample(mel, z), teacher._sample_naive(mel, z))
 
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_beta_nll_weights_each_sample_by_sigma_to_the_2_beta(beta):
+    from vocoder.losses import gaussian_log_prob
+    from vocoder.models.teacher import QUANTISATION_STEP
+
+    teacher = tiny_teacher(nll_beta=beta)
+    x, mel = random_inputs()
+    torch.manual_seed(5)
+    loss, metrics = teacher.training_loss(x, mel)
+    torch.manual_seed(5)  # the same dequantisation noise
+    noisy = x + (torch.rand_like(x) - 0.5) * QUANTISATION_STEP
+    mu, log_sigma = teacher(noisy, mel)
+    mu = mu.detach().requires_grad_()
+    log_p = gaussian_log_prob(noisy, mu, log_sigma.detach())
+    torch.testing.assert_close(metrics["nll"], float(-log_p.detach().mean()))
+    weight = torch.exp(2 * beta * log_sigma.detach())
+    torch.testing.assert_close(loss, -(log_p * weight).sum() / weight.sum())
+    # the mean's gradient is (mu - x) / sigma^(2 - 2 beta), up to the normalisation
+    grad, = torch.autograd.grad(-(log_p * weight).sum(), mu)
+    expected = (mu - noisy) * torch.exp(-2 * (1 - beta) * log_sigma.detach())
+    torch.testing.assert_close(grad, expected.detach())
+    with pytest.raises(ValueError, match="nll_beta"):
+        tiny_teacher(nll_beta=1.5)
