@@ -155,3 +155,18 @@ def test_periodicity_tells_a_pulse_train_from_noise_at_the_true_pitch():
     other = (np.sin(2 * np.pi * 1.37 * f0 * t) > 0.995).astype(np.float64)
     assert periodicity(other, contour, rate, hop) < 0.5
     assert np.isnan(periodicity(noise, np.zeros_like(contour), rate, hop))
+
+
+def test_pesq_and_stoi_rank_clean_above_noisy_speech():
+    pytest.importorskip("pesq")
+    pytest.importorskip("pystoi")
+    from vocoder.data.demo import generate_utterance
+    from vocoder.metrics import pesq_wideband, short_time_objective_intelligibility
+
+    speech = generate_utterance(3).audio[:3 * 22050]
+    noisy = with_noise(speech, 0.05)
+    clean_pesq, noisy_pesq = (pesq_wideband(speech, x, 22050) for x in (speech, noisy))
+    assert clean_pesq > 4.0 and noisy_pesq < clean_pesq - 1.0
+    clean_stoi, noisy_stoi = (short_time_objective_intelligibility(speech, x, 22050)
+                              for x in (speech, noisy))
+    assert clean_stoi > 0.99 and noisy_stoi < clean_stoi

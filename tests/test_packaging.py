@@ -43,8 +43,10 @@ def test_wheel_installed_outside_the_tree_trains(tmp_path):
 def test_every_third_party_import_is_declared():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        dep for extra in project.get("optional-dependencies", {}).values() for dep in extra]
     declared = {dep.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
-                for dep in project["dependencies"]}
+                for dep in requirements}
     # import name -> distribution name where they differ
     distribution = {"yaml": "pyyaml", "hydra": "hydra-core", "sklearn": "scikit-learn"}
     import ast

@@ -1,6 +1,7 @@
 """The shared trainer: checkpoints, exact resume, interruption, numerical faults, DDP."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -312,3 +313,55 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path, cache_dir):
     ckpt = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert ckpt["step"] == 3
     assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
+
+
+def test_resume_with_changed_settings_says_so_and_applies_them(tmp_path, cache_dir):
+    common = ("trainer.schedule=constant", "trainer.warmup_steps=0", "trainer.val_every=100",
+              "trainer.ckpt_every=100")
+    _trainer(tmp_path, cache_dir, "trainer.max_steps=2", "trainer.lr=2e-3", *common).fit()
+    lines = []
+    cfg = _cfg(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.lr=5e-4",
+               "trainer.betas=[0.8,0.99]", *common)
+    fe = front_end(cfg)
+    corpus = prepare_corpus(cfg.data, fe, cache_dir, 8 * 256, log=lambda s: None, progress=False)
+    model = model_from_arch("teacher", fe.n_mels, fe.hop_length, dict(cfg.arch.teacher))
+    trainer = Trainer(cfg, model, corpus, fe.config.to_dict(), log=lines.append)
+    assert trainer.resume()
+    said = [line for line in lines if line.startswith("resume:")]
+    assert said == ["resume: trainer.max_steps 2 -> 3 (applied)",
+                    "resume: trainer.lr 0.002 -> 0.0005 (applied)",
+                    "resume: trainer.betas (0.9, 0.999) -> (0.8, 0.99) (applied)"]
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(5e-4) and group["betas"] == (0.8, 0.99)
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.schedule=linear", "trainer.schedule=linear: must be one of"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),
+    ("trainer.lr=fast", "trainer.lr=fast: must be of type float"),
+    ("+trainer.learning_rate=1e-3", "unknown trainer setting(s): learning_rate"),
+])
+def test_bad_trainer_settings_fail_in_one_line(tmp_path, cache_dir, override, message):
+    from vocoder.errors import VocoderError
+    from vocoder.training.settings import TrainerSettings
+
+    with pytest.raises(VocoderError) as info:
+        TrainerSettings.from_config(_cfg(tmp_path, cache_dir, override).trainer)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_pitch_is_measured_during_training(tmp_path, cache_dir):
+    trainer = _trainer(tmp_path, cache_dir, "trainer.max_steps=2", "trainer.val_every=2",
+                       "trainer.pitch_every=2", "trainer.pitch_segments=2",
+                       "trainer.pitch_frames=8")
+    trainer.fit()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    (pitch,) = [r for r in rows if r["kind"] == "pitch"]
+    assert pitch["step"] == 2
+    assert 0.5 < pitch["pitch_periodicity_reference"] <= 1.0  # the demo corpus is voiced
+    assert -1.0 <= pitch["pitch_periodicity"] < pitch["pitch_periodicity_reference"]
+    assert 0.0 <= pitch["pitch_voicing_error"] <= 1.0
+    # the teacher's NLL split by voicing (a short middle segment may hold no unvoiced frame)
+    assert math.isfinite(pitch["nll_voiced"]) and "nll_unvoiced" in pitch

@@ -9,12 +9,19 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def experiment_arch(experiment: str, kind: str) -> dict:
-    """The architecture keywords of model ``kind`` in ``conf/experiment/<experiment>.yaml``."""
+    """The architecture keywords of model ``kind`` in the ``experiment`` preset
+    (``conf/experiment/<experiment>.yaml`` as Hydra composes it, inheritance included)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    path = Path(CONF_DIR) / "experiment" / f"{experiment}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+    known = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    if experiment not in known:
         raise ValueError(f"unknown experiment {experiment!r}; known: {', '.join(known)}")
-    arch = OmegaConf.load(path).get("arch", {})
-    return dict(OmegaConf.to_container(arch.get(kind, {}), resolve=True))
+    overrides = [f"experiment={experiment}"]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path is ours
+        cfg = compose("config", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose("config", overrides=overrides)
+    return dict(OmegaConf.to_container(cfg.arch.get(kind, {}), resolve=True))

@@ -13,8 +13,8 @@ Lower is better for every number here:
 * ``f0_rmse_cents``, ``voicing_error``: pitch error over frames voiced in both, and the fraction
   of frames whose voiced/unvoiced decision differs (:func:`f0_metrics`);
 
-and higher is better for ``periodicity``: the synthesis' autocorrelation at the reference's
-pitch period in voiced frames (:func:`periodicity`).
+and higher is better for ``periodicity`` (the synthesis' autocorrelation at the reference's
+pitch period in voiced frames, :func:`periodicity`), ``pesq_wb`` (wide-band PESQ) and ``stoi``.
 """
 
 from __future__ import annotations
@@ -229,6 +229,34 @@ def periodicity(audio, f0, sample_rate: int, hop_length: int, window: int = 1024
     return float(np.mean(values)) if values else float("nan")
 
 
+def pesq_wideband(ref, syn, sample_rate: int) -> float | None:
+    """Wide-band PESQ (ITU-T P.862.2, MOS-LQO 1.0-4.6, higher is better) of ``syn`` against
+    ``ref``, both resampled to 16 kHz; ``None`` when the ``pesq`` package is not installed,
+    NaN when PESQ finds no speech in the reference."""
+    try:
+        from pesq import pesq
+    except ImportError:
+        return None
+    import librosa
+
+    ref16, syn16 = (librosa.resample(_as_tensor(a).numpy(), orig_sr=sample_rate,
+                                     target_sr=16000) for a in (ref, syn))
+    try:
+        return float(pesq(16000, ref16, syn16, "wb"))
+    except Exception:  # noqa: BLE001 - pesq raises its own error types for silent input
+        return float("nan")
+
+
+def short_time_objective_intelligibility(ref, syn, sample_rate: int) -> float | None:
+    """STOI (Taal et al., 2011; 0-1, higher is better) of ``syn`` against ``ref``; ``None``
+    when the ``pystoi`` package is not installed."""
+    try:
+        from pystoi import stoi
+    except ImportError:
+        return None
+    return float(stoi(_as_tensor(ref).numpy(), _as_tensor(syn).numpy(), sample_rate))
+
+
 def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
                            f0_range: tuple[float, float] = (50.0, 500.0),
                            n_mfcc: int = 24) -> dict:
@@ -238,8 +266,9 @@ def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
     ``voicing_error``, ``f0_source`` (``"true"`` when ``ref_f0``, the known F0 of the
     reference, is given; ``"pyin"`` when it was estimated from the reference audio), the
     frame counts of :func:`f0_metrics`, and ``periodicity`` / ``periodicity_reference``
-    (:func:`periodicity` of the synthesis and of the reference at the reference's F0). The
-    synthesis' F0 is always estimated with pyin.
+    (:func:`periodicity` of the synthesis and of the reference at the reference's F0),
+    ``pesq_wb`` and ``stoi`` (``None`` without the optional ``pesq`` / ``pystoi`` packages).
+    The synthesis' F0 is always estimated with pyin.
     """
     device = _device_of(features)
     ref, syn = _trimmed(ref, syn, device)
@@ -257,5 +286,7 @@ def copy_synthesis_metrics(ref, syn, features: MelFrontEnd, ref_f0=None,
     row.update(f0_metrics(ref_f0, syn_f0))
     row["periodicity"] = periodicity(syn.cpu(), ref_f0, rate, hop)
     row["periodicity_reference"] = periodicity(ref.cpu(), ref_f0, rate, hop)
+    row["pesq_wb"] = pesq_wideband(ref.cpu(), syn.cpu(), rate)
+    row["stoi"] = short_time_objective_intelligibility(ref.cpu(), syn.cpu(), rate)
     row["f0_source"] = source
     return row

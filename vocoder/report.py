@@ -32,6 +32,9 @@ METRIC_COLUMNS = (
     ("mcd_db", "MCD (dB)"),
     ("f0_rmse_cents", "F0 RMSE (cents)"),
     ("voicing_error", "voicing error"),
+    ("periodicity", "periodicity (higher is better)"),
+    ("pesq_wb", "PESQ wide-band (higher)"),
+    ("stoi", "STOI (higher)"),
     ("teacher_nll", "teacher NLL (nats/sample)"),
 )
 

@@ -47,35 +47,6 @@ def prepare_data(cfg, features, min_samples: int = 0):
     return corpus
 
 
-def apply_model_trainer_settings(cfg, kind: str):
-    """Merge the experiment's ``trainer_by_model[kind]`` into ``cfg.trainer``.
-
-    Presets hold one trainer block for all kinds plus per-kind differences (WaveGlow wants a
-    smaller learning rate and longer segments than the teacher, say). Keys given on the
-    command line still win.
-    """
-    from omegaconf import OmegaConf, open_dict
-
-    per_kind = (cfg.get("trainer_by_model") or {}).get(kind)
-    if not per_kind:
-        return cfg
-    explicit = set()
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        for o in HydraConfig.get().overrides.task:
-            key = o.split("=", 1)[0].lstrip("+~")
-            if key.startswith("trainer."):
-                explicit.add(key[len("trainer."):])
-    except ValueError:  # not inside a Hydra app (tests compose configs themselves)
-        pass
-    with open_dict(cfg):
-        for key, value in OmegaConf.to_container(per_kind, resolve=True).items():
-            if key not in explicit:
-                cfg.trainer[key] = value
-    return cfg
-
-
 def fit_and_report(trainer) -> None:
     """Run ``trainer.fit()``, print where the checkpoint went, and leave the process group."""
     from vocoder.training.distributed import cleanup

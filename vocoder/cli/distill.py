@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from vocoder.cli.common import (
-    apply_model_trainer_settings,
     fit_and_report,
     hydra_app,
     prepare_data,
@@ -49,7 +48,6 @@ def main(cfg) -> None:
     if str(cfg.model.kind) != "student":
         raise VocoderError(f"vocoder-distill trains the student, not a {cfg.model.kind} "
                            f"(use vocoder-train for that)")
-    cfg = apply_model_trainer_settings(cfg, "student")
     teacher_path = Path(str(cfg.teacher)).resolve()
     ckpt = load_checkpoint(teacher_path, kind="teacher")
     teacher = freeze(model_from_checkpoint(ckpt).prepare_for_inference())

@@ -33,10 +33,10 @@ from vocoder.errors import InputError, VocoderError
 
 # Metrics printed per file and in the summary line.
 _HEADLINE = ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "voicing_error", "periodicity",
-             "teacher_nll")
+             "pesq_wb", "stoi", "teacher_nll")
 # Per-file keys averaged over files in "mean" (F0 RMSE and voicing error are pooled instead).
 _AVERAGED = ("log_mel_l1", "mr_stft", "mcd_db", "periodicity", "periodicity_reference",
-             "teacher_nll", "teacher_nll_reference")
+             "pesq_wb", "stoi", "teacher_nll", "teacher_nll_reference")
 
 DEFINITIONS = {
     "log_mel_l1": "mean |ln mel(ref) - ln mel(syn)| over bands and frames (the checkpoint's "
@@ -53,6 +53,9 @@ DEFINITIONS = {
                    "period (best lag within a sample), averaged over frames the reference F0 "
                    "calls voiced (1024-sample windows); 1 periodic, ~0 noise; "
                    "periodicity_reference is the same of the reference",
+    "pesq_wb": "wide-band PESQ (P.862.2) at 16 kHz, MOS-LQO 1.0-4.6, higher is better (needs "
+               "the pesq package: pip install flow-vocoder[eval])",
+    "stoi": "short-time objective intelligibility, 0-1, higher is better (needs pystoi)",
     "teacher_nll": "-log p_teacher(syn | mel of ref) / samples, nats per sample",
 }
 

@@ -6,7 +6,6 @@ Trains by maximum likelihood with the shared trainer; rerunning the command resu
 from __future__ import annotations
 
 from vocoder.cli.common import (
-    apply_model_trainer_settings,
     fit_and_report,
     front_end,
     hydra_app,
@@ -25,7 +24,6 @@ def main(cfg) -> None:
         raise VocoderError(
             "the student is trained by distillation: use vocoder-distill teacher=CKPT"
         )
-    cfg = apply_model_trainer_settings(cfg, kind)
     features = front_end(cfg)
     min_samples = int(cfg.trainer.segment_frames) * features.hop_length
     corpus = prepare_data(cfg, features, min_samples)

@@ -104,6 +104,13 @@ class Student(Vocoder):
         return dict(self._arch)
 
     @property
+    def flow_reach(self) -> int:
+        """Past samples every flow sees (the smallest of their WaveNets' receptive fields): to
+        place a glottal pulse one period after the last, a flow must see the last one, so this
+        should span several periods of the lowest F0 of the data."""
+        return min(flow.receptive_field for flow in self.flows)
+
+    @property
     def receptive_field(self) -> int:
         """Past noise samples one output sees: ``mu_tot_t`` depends on
         ``z[t - receptive_field : t]`` (each flow adds its WaveNet's span)."""

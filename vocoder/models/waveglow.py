@@ -98,6 +98,13 @@ class WaveGlow(Vocoder):
                     train_sigma=self.train_sigma, weight_norm=self.weight_norm,
                     audio_scale=self.audio_scale)
 
+    @property
+    def coupling_reach(self) -> int:
+        """Audio samples on each side of a sample that one coupling's shift and scale are
+        guaranteed to see: its WN reaches ``(kernel_size - 1) / 2 * (2 ** n_layers - 1)``
+        squeezed steps of ``n_group`` samples each way (a step's own samples aside)."""
+        return (self.kernel_size - 1) // 2 * (2 ** self.n_layers - 1) * self.n_group
+
     def _emits_early(self, k: int) -> bool:
         return self.n_early_size > 0 and k > 0 and k % self.n_early_every == 0
 

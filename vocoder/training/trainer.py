@@ -39,6 +39,7 @@ from vocoder.data.corpus import PreparedCorpus
 from vocoder.data.dataset import SegmentDataset, SegmentSampler, validation_batches
 from vocoder.errors import VocoderError
 from vocoder.training import distributed as D
+from vocoder.training.settings import TrainerSettings
 
 
 class TrainingLoss(nn.Module):
@@ -128,7 +129,7 @@ class Trainer:
         extra: dict | None = None,
         log=print,
     ):
-        self.cfg, self.tcfg = cfg, cfg.trainer
+        self.cfg, self.tcfg = cfg, TrainerSettings.from_config(cfg.trainer)
         self.features, self.extra, self.log = features, dict(extra or {}), log
         self.dist = D.init_distributed(str(self.tcfg.device))
         self.device = D.resolve_device(str(self.tcfg.device), self.dist)
@@ -152,7 +153,7 @@ class Trainer:
                 self.objective,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        if bool(self.tcfg.get("compile", False)):
+        if self.tcfg.compile:
             # The loss (models' forward, and the teacher's in distillation) through
             # torch.compile; the first steps compile. Checkpoints hold the plain modules.
             self.train_objective = torch.compile(self.train_objective)
@@ -164,9 +165,7 @@ class Trainer:
             weight_decay=float(self.tcfg.weight_decay),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.tcfg))
-        amp = str(self.tcfg.amp)
-        if amp not in ("none", "bf16", "fp16"):
-            raise VocoderError(f"unknown trainer.amp {amp!r} (none, bf16, fp16)")
+        amp = self.tcfg.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         if self.amp_dtype is not None and self.device.type != "cuda":
             self.log(f"note: trainer.amp={amp} applies on CUDA only; training in fp32 on CPU")
@@ -234,6 +233,7 @@ class Trainer:
         self.ema_model.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._apply_changed_settings(ckpt.get("config", {}).get("trainer", {}))
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -248,6 +248,18 @@ class Trainer:
             torch.manual_seed(int(torch.randint(0, 2**31, (1,)).item()) + self.dist.rank)
         self.log(f"resumed from {path} at step {self.step}")
         return True
+
+    def _apply_changed_settings(self, saved: dict) -> None:
+        """Say which trainer settings differ from the checkpoint's, one line each, and make
+        the optimiser follow the new ones (its saved state holds the old learning rate, betas
+        and weight decay; every other setting is read afresh anyway)."""
+        for line in self.tcfg.changes_from(saved):
+            self.log(f"resume: {line} (applied)")
+        factor = _lr_lambda(self.tcfg)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [self.tcfg.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.tcfg.lr, lr=self.tcfg.lr * factor,
+                         betas=self.tcfg.betas, weight_decay=self.tcfg.weight_decay)
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self) -> None:
@@ -323,6 +335,19 @@ class Trainer:
                 totals[k] += float(v) * n
             count += n
         return {k: v / max(count, 1) for k, v in totals.items()}
+
+    def _pitch_probe(self, split: str):
+        """The fixed segments pitch is measured on (None when disabled or too short)."""
+        if not self.tcfg.pitch_every or not hasattr(self.ema_model, "synthesize"):
+            return None
+        from vocoder.training.pitch import PitchProbe
+
+        try:
+            return PitchProbe(self.corpus, split, self.tcfg.pitch_segments,
+                              self.tcfg.pitch_frames, seed=int(self.cfg.seed))
+        except ValueError as e:
+            self.log(f"note: no pitch measurement ({e})")
+            return None
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self):
@@ -408,7 +433,7 @@ class Trainer:
             generator=torch.Generator(),
             multiprocessing_context="fork" if int(t.num_workers) > 0 else None,
         )
-        val_batches = []
+        val_batches, probe = [], None
         if self.dist.is_main:
             val_split = "valid" if self.corpus.entries("valid") else "train"
             val_frames = min(
@@ -417,6 +442,7 @@ class Trainer:
             val_batches = validation_batches(
                 self.corpus, val_split, int(t.val_utterances), val_frames, int(t.val_batch_size)
             )
+            probe = self._pitch_probe(val_split)
         previous_handlers = self._install_signal_handlers()
         progress = None
         if self.dist.is_main and t.progress:
@@ -495,6 +521,14 @@ class Trainer:
                         f"step {self.step}: validation "
                         + ", ".join(f"{k}={v:.4f}" for k, v in self.last_val.items())
                     )
+                    if probe is not None and (self.step % t.pitch_every == 0
+                                              or self.step == max_steps):
+                        pitch = probe.measure(self.ema_model, self.device)
+                        self._write_metrics("pitch", pitch)
+                        (progress.write if progress is not None else self.log)(
+                            f"step {self.step}: pitch "
+                            + ", ".join(f"{k}={v:.3f}" for k, v in pitch.items())
+                        )
                 stop = D.all_reduce_flag(self._stop_signal is not None, self.dist, self.device)
                 if self.step % int(t.ckpt_every) == 0 or self.step == max_steps or stop or best:
                     self.save(best=best)
