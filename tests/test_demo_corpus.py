@@ -160,3 +160,23 @@ def test_bad_arguments_are_refused():
         generate_utterance(0, seed=-3)
     with pytest.raises(ValueError):
         generate_utterance(0, hop_length=0)
+
+
+@pytest.mark.parametrize("open_phase,closing_phase", [(0.35, 0.12), (0.5, 0.22)])
+def test_glottal_pulse_closes_abruptly_and_ends_at_zero(open_phase, closing_phase):
+    from vocoder.data.demo import _RETURN_PHASE, _glottal_flow
+
+    period = 147  # 150 Hz at 22.05 kHz
+    phase = np.arange(period) / period
+    flow = _glottal_flow(phase, open_phase, closing_phase, _RETURN_PHASE)
+    assert flow[0] == 0.0 and abs(flow[-1]) < 1e-3 and 0.99 < flow.max() <= 1.0
+    slope = np.diff(np.concatenate([flow, flow[:1]]))  # the radiated excitation, one cycle
+    closure = int(slope.argmin())
+    # the excitation peaks at the glottal closure instant...
+    assert abs(phase[closure] - (open_phase + closing_phase)) < 2.0 / period
+    # ...after a slow build-up, and is mostly over a few samples later (LF return phase);
+    # a smooth (half-cosine) closure would be symmetric about its peak
+    assert slope[closure - 4] < 0.8 * slope[closure]
+    assert slope[closure + 4] > 0.5 * slope[closure]
+    # continuous flow: no sample-to-sample jump beyond the steepest slope
+    assert np.abs(slope).max() < 0.1

@@ -194,6 +194,10 @@ def _cache_key(data_cfg, features: MelFrontEnd, sources: list[Source]) -> str:
     h = hashlib.sha1()
     h.update(json.dumps(relevant, sort_keys=True, default=str).encode())
     h.update(json.dumps(features.config.to_dict(), sort_keys=True).encode())
+    if any(s.demo_index is not None for s in sources):
+        from vocoder.data.demo import DEMO_VERSION
+
+        h.update(f"demo-generator-v{DEMO_VERSION}".encode())
     for s in sources:
         h.update(f"{s.name}|{s.split}|{s.path}".encode())
         if s.path is not None and s.path.exists():

@@ -3,8 +3,10 @@
 Nothing is downloaded. Each utterance comes from a source-filter model of the voice, the
 same split real speech production is usually described by:
 
-* **Source.** During vowels a glottal pulse train drives the vocal tract. Each period is a
-  smooth Rosenberg-like glottal flow pulse (opening phase, closing phase, closed phase); its
+* **Source.** During vowels a glottal pulse train drives the vocal tract. Each period is an
+  LF-like glottal flow pulse: a smooth opening, a closing that steepens to an abrupt glottal
+  closure, a short exponential return phase and a closed phase (version 1 of this corpus
+  closed smoothly, so most of each pulse could be continued from its last samples); its
   first difference models radiation at the lips and a speaker-dependent pre-emphasis sets the
   spectral tilt. The period follows a moving pitch contour within 80-300 Hz (speaker base
   pitch, declination, accents on syllables, a final rise or fall) whose instantaneous
@@ -70,6 +72,12 @@ _BURST_BANDS = ((300.0, 2500.0), (3000.0, 9000.0), (1300.0, 3500.0))
 _HIGHER_FORMANTS = ((4400.0, 300.0), (5500.0, 400.0), (6500.0, 500.0), (7500.0, 600.0))
 
 _F0_RANGE_HZ = (80.0, 300.0)
+# Time constant of the LF return phase after each glottal closure, as a fraction of the period
+# (Fant's R_a; about 0.01-0.03 in modal voice: 3.7 samples at 150 Hz and 22.05 kHz).
+_RETURN_PHASE = 0.025
+# Bumped whenever the generator's output changes, so cached features of older versions are
+# not reused (it is part of the feature cache's key).
+DEMO_VERSION = 2
 # Control hop in samples: pitch, loudness and formant tracks are computed every _STEP
 # samples and interpolated linearly in between.
 _STEP = 32
@@ -172,16 +180,29 @@ def _to_samples(track: np.ndarray, n_samples: int) -> np.ndarray:
     return dense.reshape(-1)[:n_samples]
 
 
-def _glottal_flow(phase: np.ndarray, open_phase: float, closing_phase: float) -> np.ndarray:
-    """Rosenberg-like flow pulse in [0, 1] at cycle position ``phase`` in [0, 1).
+def _glottal_flow(phase: np.ndarray, open_phase: float, closing_phase: float,
+                  return_phase: float) -> np.ndarray:
+    """LF-like flow pulse in [0, 1] at cycle position ``phase`` in [0, 1).
 
-    The rise and the fall are half cosines, so the flow and its slope are continuous and
-    the sampled pulse train aliases very little (harmonics fall as 1 / n^3). One cosine
-    covers both: its argument runs over [0, pi] while opening, [pi, 2 pi] while closing and
-    stays at 2 pi (zero flow) while the glottis is closed."""
-    opening = phase / open_phase
-    closing = 1.0 + np.minimum((phase - open_phase) / closing_phase, 1.0)
-    return 0.5 - 0.5 * np.cos(np.pi * np.where(phase < open_phase, opening, closing))
+    Opening: a half cosine from 0 to 1 over ``open_phase``. Closing: a quarter cosine from 1
+    down to ``r`` over ``closing_phase``, ever steeper, to the glottal closure instant, where
+    the flow falls fastest (the main excitation of real voices, as in Fant's LF model). Then
+    the LF return phase: an exponential of time constant ``return_phase`` (a fraction of the
+    period) takes the rest down to exactly 0 at the end of the cycle, starting with the
+    closing slope, so flow and slope stay continuous and the pulse train aliases little, but
+    the slope turns back within a few samples. ``r`` follows from matching the slopes:
+    ``r / (ta (1 - E)) = (1 - r) pi / (2 cp)`` with ``E = exp(-(1 - closure) / ta)``.
+    """
+    closure = open_phase + closing_phase
+    floor = np.exp(-(1.0 - closure) / return_phase)
+    a = 0.5 * np.pi * return_phase * (1.0 - floor) / closing_phase
+    r = a / (1.0 + a)
+    rising = 0.5 - 0.5 * np.cos(np.pi * np.minimum(phase / open_phase, 1.0))
+    falling = r + (1.0 - r) * np.cos(0.5 * np.pi * np.clip((phase - open_phase) / closing_phase,
+                                                            0.0, 1.0))
+    decay = np.exp(-np.maximum(phase - closure, 0.0) / return_phase)
+    tail = r * (decay - floor) / (1.0 - floor)
+    return np.where(phase < open_phase, rising, np.where(phase < closure, falling, tail))
 
 
 def _resonator_track(freq: np.ndarray, bandwidth: np.ndarray,
@@ -319,7 +340,8 @@ def _voiced_branch(rng: np.random.Generator, speaker: _Speaker, segments: list[_
     # Glottal source; integrating the frequency keeps the phase continuous.
     phase = rng.random() + np.cumsum(frequency[span]) / sr
     cycle = np.floor(phase).astype(np.int64)
-    flow = _glottal_flow(phase - cycle, speaker.open_phase, speaker.closing_phase)
+    flow = _glottal_flow(phase - cycle, speaker.open_phase, speaker.closing_phase,
+                         _RETURN_PHASE)
     # Shimmer: every cycle starts and ends with zero flow, so a per-cycle gain changes
     # nothing abruptly.
     shimmer = 1.0 + rng.normal(0.0, speaker.shimmer, cycle[-1] - cycle[0] + 1)
