@@ -31,8 +31,9 @@ def random_inputs(batch: int = 2, frames: int = 6):
     return x, mel
 
 
-def test_forward_shapes_and_causality():
-    teacher = tiny_teacher()
+@pytest.mark.parametrize("preemphasis", [0.0, 0.9])
+def test_forward_shapes_and_causality(preemphasis):
+    teacher = tiny_teacher(preemphasis=preemphasis)
     x, mel = random_inputs()
     mu, log_sigma = teacher(x, mel)
     assert mu.shape == log_sigma.shape == x.shape
@@ -56,17 +57,19 @@ def test_rejects_mismatched_mel():
         teacher(x, mel[:, :-1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_incremental_sample_matches_naive(dtype):
-    teacher = tiny_teacher().to(dtype)
+@pytest.mark.parametrize("dtype,preemphasis", [(torch.float64, 0.0), (torch.float32, 0.0),
+                                               (torch.float64, 0.9)])
+def test_incremental_sample_matches_naive(dtype, preemphasis):
+    teacher = tiny_teacher(preemphasis=preemphasis).to(dtype)
     _, mel = random_inputs(batch=3, frames=5)
     mel = mel.to(dtype)
     z = torch.randn(3, 5 * HOP, dtype=dtype)
     torch.testing.assert_close(teacher.sample(mel, z), teacher._sample_naive(mel, z))
 
 
-def test_sample_then_score_recovers_z():
-    teacher = tiny_teacher()
+@pytest.mark.parametrize("preemphasis", [0.0, 0.9])
+def test_sample_then_score_recovers_z(preemphasis):
+    teacher = tiny_teacher(preemphasis=preemphasis)
     _, mel = random_inputs()
     z = torch.randn(2, mel.shape[-1] * HOP, dtype=DTYPE)
     x = teacher.sample(mel, z)
@@ -161,7 +164,7 @@ def test_chunked_sampling_replaying_whole_chunks_matches_naive(monkeypatch):
     import vocoder.models.teacher as teacher_module
 
     monkeypatch.setattr(teacher_module, "_TERMS_BUDGET", 1)
-    teacher = tiny_teacher()
+    teacher = tiny_teacher(preemphasis=0.9)
     _, mel = random_inputs(batch=2, frames=5)
     z = torch.randn(2, 5 * HOP, dtype=DTYPE)
     chunks = teacher_module._SamplingChunks(teacher, 2)
@@ -232,3 +235,17 @@ def test_beta_nll_weights_each_sample_by_sigma_to_the_2_beta(beta):
     torch.testing.assert_close(grad, expected.detach())
     with pytest.raises(ValueError, match="nll_beta"):
         tiny_teacher(nll_beta=1.5)
+
+
+def test_preemphasis_is_a_unit_jacobian_layer_in_front_of_the_network():
+    # The MAF of x with pre-emphasis is the plain MAF of e = x - a x_(t-1) with its mean
+    # shifted by a x_(t-1): same network, same sigma, log-density unchanged (log-det 0).
+    plain, emphasised = tiny_teacher(), tiny_teacher(preemphasis=0.9)
+    x, mel = random_inputs()
+    e = x - 0.9 * torch.nn.functional.pad(x, (1, -1))
+    mu_e, log_sigma_e = plain(e, mel)
+    mu_x, log_sigma_x = emphasised(x, mel)
+    torch.testing.assert_close(log_sigma_x, log_sigma_e)
+    torch.testing.assert_close(mu_x - 0.9 * torch.nn.functional.pad(x, (1, -1)), mu_e)
+    torch.testing.assert_close(emphasised.log_prob(x, mel), plain.log_prob(e, mel))
+    assert emphasised.receptive_field == plain.receptive_field + 1

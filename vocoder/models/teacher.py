@@ -59,7 +59,13 @@ class Teacher(Vocoder):
       weight; weights normalised to mean 1 per batch). The Gaussian NLL's gradient on the mean
       is ``(mu - x) / sigma^2``, so where a target is hard to predict (a glottal pulse) plain
       NLL (beta 0) raises sigma and thereby starves the mean; beta 0.5 leaves it
-      ``(mu - x) / sigma`` and beta 1 the squared error's.
+      ``(mu - x) / sigma`` and beta 1 the squared error's;
+    * ``preemphasis``: ``alpha`` of a fixed pre-emphasis ``e_t = x_t - alpha x_(t-1)`` in front
+      of the WaveNet, a causal linear layer with unit Jacobian diagonal (log-determinant 0), so
+      the model stays an exact MAF of ``x``: the network reads ``e_<t`` and predicts ``e_t``,
+      i.e. ``mu_t = alpha x_(t-1) + audio_scale * m_t`` (a one-tap linear-prediction shortcut
+      into the mean), and sampling inverts it exactly (``x_t = e_t + alpha x_(t-1)``). It
+      flattens the spectral tilt the network would otherwise have to model. 0 disables.
     """
 
     kind = "teacher"
@@ -69,13 +75,17 @@ class Teacher(Vocoder):
                  skip_channels: int = 128, kernel_size: int = 3, cond_channels: int = 80,
                  upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
                  audio_scale: float = 0.1, log_sigma_min: float = -7.0,
-                 weight_norm: bool = False, nll_beta: float = 0.0):
+                 weight_norm: bool = False, nll_beta: float = 0.0,
+                 preemphasis: float = 0.0):
         super().__init__(n_mels, hop_length)
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
         if not 0.0 <= nll_beta <= 1.0:
             raise ValueError(f"nll_beta must be in [0, 1], got {nll_beta}")
         self.nll_beta = float(nll_beta)
+        if not 0.0 <= preemphasis < 1.0:
+            raise ValueError(f"preemphasis must be in [0, 1), got {preemphasis}")
+        self.preemphasis = float(preemphasis)
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
         self.wavenet = WaveNetStack(
@@ -92,7 +102,7 @@ class Teacher(Vocoder):
             cond_channels=cond_channels, upsample_scales=list(self.upsampler.scales),
             frame_context=frame_context, audio_scale=self.audio_scale,
             log_sigma_min=self.log_sigma_min, weight_norm=weight_norm,
-            nll_beta=self.nll_beta,
+            nll_beta=self.nll_beta, preemphasis=self.preemphasis,
         )
 
     def arch_config(self) -> dict:
@@ -101,7 +111,7 @@ class Teacher(Vocoder):
     @property
     def receptive_field(self) -> int:
         """Past samples one output sees: ``mu_t`` depends on ``x[t - receptive_field : t]``."""
-        return self.wavenet.receptive_field
+        return self.wavenet.receptive_field + (1 if self.preemphasis else 0)
 
     def _conditioning(self, mel: Tensor, length: int) -> Tensor:
         self.check_mel_shape(mel, length)
@@ -117,9 +127,13 @@ class Teacher(Vocoder):
         """
         x, mel = self._in_model_dtype(x, mel)
         cond = self._conditioning(mel, x.shape[-1])
-        shifted = F.pad(x, (1, -1)).unsqueeze(1) * (1.0 / self.audio_scale)
+        previous = F.pad(x, (1, -1))  # x_(t-1), zero first
+        e = x - self.preemphasis * previous if self.preemphasis else x
+        shifted = F.pad(e, (1, -1)).unsqueeze(1) * (1.0 / self.audio_scale)
         out = self.wavenet(shifted, cond)
         mu = out[:, 0] * self.audio_scale
+        if self.preemphasis:
+            mu = mu + self.preemphasis * previous
         log_sigma = torch.clamp(out[:, 1] + math.log(self.audio_scale), min=self.log_sigma_min)
         return mu, log_sigma
 
@@ -268,7 +282,11 @@ class _SamplingChunks:
                                  device=ref.device, dtype=ref.dtype)
         self.noise = torch.zeros(self.steps, batch, 1, device=ref.device, dtype=ref.dtype)
         self.x = torch.zeros_like(self.noise)
+        self.preemphasis = teacher.preemphasis
+        # The network's input: x itself, or its pre-emphasised e (then x_t = e_t + a x_(t-1)).
+        self.e = torch.zeros_like(self.noise) if self.preemphasis else self.x
         self.previous = torch.zeros_like(self.noise[0])
+        self.previous_x = torch.zeros_like(self.previous)
         self.scale = torch.zeros_like(self.previous)
         self.graph = None
         if capture:
@@ -286,15 +304,19 @@ class _SamplingChunks:
     def _steps(self, n: int) -> None:
         stepper, log_sigma_min, scale = self.stepper, self.log_sigma_min, self.scale
         mu, log_sigma = stepper.output[:, 0:1], stepper.output[:, 1:2]
-        previous = self.previous
-        for terms_t, noise_t, x_t in zip(self.terms[:n], self.noise[:n], self.x[:n],
-                                         strict=True):
+        previous, previous_x, alpha = self.previous, self.previous_x, self.preemphasis
+        for terms_t, noise_t, e_t, x_t in zip(self.terms[:n], self.noise[:n], self.e[:n],
+                                              self.x[:n], strict=True):
             stepper.step(previous, terms_t)
             torch.clamp(log_sigma, min=log_sigma_min, out=scale)
             scale.exp_()
-            torch.addcmul(mu, scale, noise_t, out=x_t)
-            previous = x_t
+            torch.addcmul(mu, scale, noise_t, out=e_t)
+            if alpha:  # undo the pre-emphasis: x_t = e_t + alpha x_(t-1)
+                torch.add(e_t, previous_x, alpha=alpha, out=x_t)
+                previous_x = x_t
+            previous = e_t
         self.previous.copy_(previous)
+        self.previous_x.copy_(previous_x)
 
     def _capture(self) -> None:
         # Warm up (cuBLAS handles and workspaces) on a side stream, as CUDA graphs require,
@@ -314,6 +336,7 @@ class _SamplingChunks:
         """Back to time 0: zero history and previous sample."""
         self.stepper.reset()
         self.previous.zero_()
+        self.previous_x.zero_()
 
     def run(self, cond: Tensor, noise: Tensor, x: Tensor) -> None:
         """The next chunk: ``cond [B, C_cond, n]`` upsampled mel, ``noise [n, B, 1]``, output
