@@ -18,7 +18,8 @@ from vocoder.cli.common import CONF_DIR, front_end
 from vocoder.data.corpus import prepare_corpus
 from vocoder.errors import VocoderError
 from vocoder.models import model_from_arch
-from vocoder.training.trainer import NonFiniteError, Trainer, TrainingLoss, seed_everything
+from vocoder.training.state import seed_everything
+from vocoder.training.trainer import NonFiniteError, Trainer, TrainingLoss
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,8 @@ def main(cfg) -> None:
     from vocoder.distill import freeze, make_distill_objective
     from vocoder.features import MelFrontEnd
     from vocoder.models import model_from_arch, model_from_checkpoint
-    from vocoder.training.trainer import Trainer, seed_everything
+    from vocoder.training.state import seed_everything
+    from vocoder.training.trainer import Trainer
 
     if str(cfg.model.kind) != "student":
         raise VocoderError(f"vocoder-distill trains the student, not a {cfg.model.kind} "

@@ -17,7 +17,8 @@ from vocoder.errors import VocoderError
 @hydra_app("config")
 def main(cfg) -> None:
     from vocoder.models import model_from_arch
-    from vocoder.training.trainer import Trainer, seed_everything
+    from vocoder.training.state import seed_everything
+    from vocoder.training.trainer import Trainer
 
     kind = str(cfg.model.kind)
     if kind == "student":

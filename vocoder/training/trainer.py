@@ -20,16 +20,13 @@ The trained module is ``model`` (a :class:`~vocoder.models.base.Vocoder`); the l
 from __future__ import annotations
 
 import copy
-import json
 import math
-import random
 import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -39,7 +36,9 @@ from vocoder.data.corpus import PreparedCorpus
 from vocoder.data.dataset import SegmentDataset, SegmentSampler, validation_batches
 from vocoder.errors import VocoderError
 from vocoder.training import distributed as D
+from vocoder.training.logs import RunLog
 from vocoder.training.settings import TrainerSettings
+from vocoder.training.state import lr_factor, rng_state, seed_everything, set_rng_state
 
 
 class TrainingLoss(nn.Module):
@@ -55,61 +54,6 @@ class TrainingLoss(nn.Module):
 
 class NonFiniteError(VocoderError):
     pass
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random; call before building a model so its init is repeatable."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _lr_lambda(cfg) -> Callable[[int], float]:
-    warmup = max(int(cfg.warmup_steps), 0)
-    kind = cfg.schedule
-    total = max(int(cfg.max_steps), 1)
-    floor = float(cfg.lr_min_ratio)
-
-    def factor(step: int) -> float:
-        w = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        if kind == "constant":
-            return w
-        if kind == "exponential":
-            return w * 0.5 ** (step / float(cfg.lr_half_life))
-        if kind == "cosine":
-            progress = min(step / total, 1.0)
-            return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-        raise VocoderError(f"unknown trainer.schedule {kind!r} (cosine, exponential, constant)")
-
-    return factor
-
-
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(
-            np.frombuffer(json.dumps(_np_state_to_list()).encode(), dtype=np.uint8).copy()
-        ),
-        "python": json.dumps(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _np_state_to_list():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].tolist()).decode())
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -164,7 +108,7 @@ class Trainer:
             betas=tuple(self.tcfg.betas),
             weight_decay=float(self.tcfg.weight_decay),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.tcfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.tcfg))
         amp = self.tcfg.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         if self.amp_dtype is not None and self.device.type != "cuda":
@@ -179,8 +123,7 @@ class Trainer:
         self.best_val = math.inf
         self.last_val: dict = {}
         self._stop_signal: int | None = None
-        self._writer = None
-        self._metrics_file = None
+        self.logs = RunLog(self.run_dir, self.dist.is_main, self.tcfg.tensorboard, log)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict:
@@ -195,7 +138,7 @@ class Trainer:
             scaler=self.scaler.state_dict(),
             step=self.step,
             data_state={"batches_consumed": self.batches_consumed},
-            rng=_rng_state(),
+            rng=rng_state(),
             config=OmegaConf.to_container(self.cfg, resolve=True),
             metrics=dict(self.last_val),
             trainer_state={"nonfinite_total": self.nonfinite_total, "best_val": self.best_val},
@@ -243,7 +186,7 @@ class Trainer:
         self.best_val = float(ts.get("best_val", math.inf))
         self.last_val = dict(ckpt.get("metrics", {}))
         # Every rank restores rank 0's RNG, then offsets its own the same way as at start.
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         if self.dist.rank:
             torch.manual_seed(int(torch.randint(0, 2**31, (1,)).item()) + self.dist.rank)
         self.log(f"resumed from {path} at step {self.step}")
@@ -255,72 +198,24 @@ class Trainer:
         and weight decay; every other setting is read afresh anyway)."""
         for line in self.tcfg.changes_from(saved):
             self.log(f"resume: {line} (applied)")
-        factor = _lr_lambda(self.tcfg)(self.scheduler.last_epoch)
+        factor = lr_factor(self.tcfg)(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [self.tcfg.lr for _ in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group.update(initial_lr=self.tcfg.lr, lr=self.tcfg.lr * factor,
                          betas=self.tcfg.betas, weight_decay=self.tcfg.weight_decay)
 
-    # ------------------------------------------------------------------ logging
-    def _open_logs(self) -> None:
-        if not self.dist.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        if self.tcfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except ImportError:
-                self.log("note: tensorboard is not installed; logging to metrics.jsonl only")
-
-    def _write_metrics(self, kind: str, values: dict) -> None:
-        if not self.dist.is_main:
-            return
-        row = {"kind": kind, "step": self.step, **values}
-        self._metrics_file.write(json.dumps(row) + "\n")
-        self._metrics_file.flush()
-        if self._writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._writer.add_scalar(f"{kind}/{k}", v, self.step)
-
+    # ------------------------------------------------------------------ validation
     def _log_audio(self, batch) -> None:
-        if self._writer is None or not hasattr(self.ema_model, "synthesize"):
+        """A generated sample of the first validation item, beside its recording."""
+        if not self.logs.has_media or not hasattr(self.ema_model, "synthesize"):
             return
         audio, mel = batch
         frames = min(int(self.tcfg.audio_frames), mel.shape[-1])
         with torch.no_grad():
             fake = self.ema_model.synthesize(mel[:1, :, :frames].to(self.device)).float().cpu()
-        sr = int(self.features["sample_rate"])
-        self._writer.add_audio("sample/generated", fake[0].clamp(-1, 1), self.step, sample_rate=sr)
-        self._writer.add_audio(
-            "sample/reference", audio[0, : fake.shape[-1]], self.step, sample_rate=sr
-        )
-        try:
-            import matplotlib
+        self.logs.audio_and_mel(self.step, audio[0, :fake.shape[-1]], fake[0],
+                                int(self.features["sample_rate"]), self.features)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            from vocoder.features import MelFrontEnd
-
-            fe = MelFrontEnd.from_dict(self.features)
-            fig, axes = plt.subplots(2, 1, figsize=(6, 4), sharex=True)
-            for ax, x, title in (
-                (axes[0], audio[0, : fake.shape[-1]], "reference"),
-                (axes[1], fake[0], "generated"),
-            ):
-                ax.imshow(fe(x.clamp(-1, 1)).numpy(), origin="lower", aspect="auto")
-                ax.set_title(title)
-            fig.tight_layout()
-            self._writer.add_figure("sample/mel", fig, self.step)
-            plt.close(fig)
-        except Exception as e:  # noqa: BLE001 - a picture must never stop training
-            self.log(f"note: could not draw the mel picture ({e})")
-
-    # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self, batches) -> dict:
         self.ema_objective.eval()
@@ -412,7 +307,7 @@ class Trainer:
         if self.step >= max_steps:
             self.log(f"already at step {self.step} >= trainer.max_steps={max_steps}; nothing to do")
             return self.last_val
-        self._open_logs()
+        self.logs.open()
         segment_frames = int(t.segment_frames)
         dataset = SegmentDataset(self.corpus, "train", segment_frames)
         sampler = SegmentSampler(
@@ -471,9 +366,8 @@ class Trainer:
                         f"warning: step {self.step}: non-finite loss or gradient, step skipped "
                         f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)"
                     )
-                    self._write_metrics(
-                        "nonfinite", {"in_a_row": self.nonfinite_run, "total": self.nonfinite_total}
-                    )
+                    self.logs.write("nonfinite", self.step, {"in_a_row": self.nonfinite_run,
+                                                             "total": self.nonfinite_total})
                     if self.nonfinite_run >= int(t.max_nonfinite):
                         self.save()
                         raise NonFiniteError(
@@ -499,7 +393,7 @@ class Trainer:
                         samples_per_s=samples_last / max(elapsed, 1e-9),
                         steps_per_s=n_running / max(elapsed, 1e-9),
                     )
-                    self._write_metrics("train", row)
+                    self.logs.write("train", self.step, row)
                     running.clear()
                     n_running, t_last, samples_last = 0, time.perf_counter(), 0
                 due_val = self.step % int(t.val_every) == 0 or self.step == max_steps
@@ -516,7 +410,7 @@ class Trainer:
                             self._log_audio(val_batches[0])
                     best = self.last_val["loss"] < self.best_val
                     self.best_val = min(self.best_val, self.last_val["loss"])
-                    self._write_metrics("valid", self.last_val)
+                    self.logs.write("valid", self.step, self.last_val)
                     (progress.write if progress is not None else self.log)(
                         f"step {self.step}: validation "
                         + ", ".join(f"{k}={v:.4f}" for k, v in self.last_val.items())
@@ -524,7 +418,7 @@ class Trainer:
                     if probe is not None and (self.step % t.pitch_every == 0
                                               or self.step == max_steps):
                         pitch = probe.measure(self.ema_model, self.device)
-                        self._write_metrics("pitch", pitch)
+                        self.logs.write("pitch", self.step, pitch)
                         (progress.write if progress is not None else self.log)(
                             f"step {self.step}: pitch "
                             + ", ".join(f"{k}={v:.3f}" for k, v in pitch.items())
@@ -546,8 +440,5 @@ class Trainer:
                 progress.close()
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
-            if self._writer is not None:
-                self._writer.close()
-            if self._metrics_file is not None:
-                self._metrics_file.close()
+            self.logs.close()
         return self.last_val
