@@ -246,3 +246,22 @@ def test_float32_models_take_float64_inputs():
     torch.testing.assert_close(kl_divergence(student, teacher, mel, z),
                                kl_divergence(student, teacher, mel.float(), z.float()),
                                rtol=0, atol=0, check_dtype=False)
+
+
+def test_lambda_kl_weighs_only_the_kl_term():
+    student, teacher = _pair()
+    mel = torch.randn(2, N_MELS, 8)
+    audio = 0.1 * torch.randn(2, 8 * HOP)
+    losses = {}
+    for weight in (0.0, 1.0, 3.0):
+        objective = DistillationObjective(student, teacher, lambda_stft=0.5, lambda_kl=weight,
+                                          stft_resolutions=[[16, 4, 16]])
+        torch.manual_seed(5)
+        losses[weight], metrics = objective(audio, mel)
+    assert metrics["kl"] > 0
+    # Linear in the weight, with the KL as slope: the other terms do not move.
+    torch.testing.assert_close(losses[3.0] - losses[1.0], 2 * (losses[1.0] - losses[0.0]))
+    torch.testing.assert_close(losses[1.0] - losses[0.0], torch.tensor(metrics["kl"]))
+    with pytest.raises(ValueError, match="lambda_kl"):
+        DistillationObjective(student, teacher, lambda_kl=-1.0)
+    assert make_distill_objective(teacher, {"lambda_kl": 0.25})(student).lambda_kl == 0.25

@@ -136,8 +136,9 @@ class DistillationObjective(nn.Module):
       formants and harmonics sit, as the ear and the quality metrics do; the STFT loss's
       log-magnitude mean is dominated by the many bins above 2 kHz.
 
-    ``loss = mean_B(kl + lambda_logsigma * logsigma_reg) + lambda_stft * stft
-    + lambda_mel * mel``. Metrics: those four (``stft``, ``mel`` only when used),
+    ``loss = mean_B(lambda_kl * kl + lambda_logsigma * logsigma_reg) + lambda_stft * stft
+    + lambda_mel * mel``. ``lambda_kl`` (default 1) below 1 lets the spectral terms against the
+    real audio outweigh a teacher whose own samples lack pitch. Metrics: those four (``stft``, ``mel`` only when used),
     ``kl_total`` (nats per utterance), ``student_log_sigma_mean`` and
     ``teacher_log_sigma_mean``.
 
@@ -148,8 +149,10 @@ class DistillationObjective(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module, lambda_logsigma: float = 4.0,
                  lambda_stft: float = 1.0, estimator: str = "closed_form", skip: int = 0,
                  stft_resolutions: list | None = None, lambda_mel: float = 0.0,
-                 features: nn.Module | None = None):
+                 features: nn.Module | None = None, lambda_kl: float = 1.0):
         super().__init__()
+        if lambda_kl < 0:
+            raise ValueError(f"lambda_kl must be >= 0, got {lambda_kl}")
         if lambda_mel > 0 and features is None:
             raise ValueError("lambda_mel > 0 needs the mel front end (features)")
         if estimator not in ESTIMATORS:
@@ -160,6 +163,7 @@ class DistillationObjective(nn.Module):
                              f"share the mel preset")
         self.student = student
         self.teacher = freeze(teacher)
+        self.lambda_kl = float(lambda_kl)
         self.lambda_logsigma = float(lambda_logsigma)
         self.lambda_stft = float(lambda_stft)
         self.estimator = estimator
@@ -188,7 +192,7 @@ class DistillationObjective(nn.Module):
         log_sigma_s, log_sigma_t = (v[:, self.skip:] for v in floored(run, self.student,
                                                                       self.teacher))
         regulariser = (log_sigma_s - log_sigma_t).square().mean(-1)
-        loss = (kl + self.lambda_logsigma * regulariser).mean()
+        loss = (self.lambda_kl * kl + self.lambda_logsigma * regulariser).mean()
         metrics = {
             "kl": kl.mean(),
             "kl_total": kl_total.mean(),
@@ -216,7 +220,7 @@ class DistillationObjective(nn.Module):
 def make_distill_objective(teacher: nn.Module, dcfg: Mapping, features: nn.Module | None = None
                            ) -> Callable[[nn.Module], DistillationObjective]:
     """The trainer's ``make_objective`` for distilling from ``teacher`` with the options of a
-    ``distill:`` config block (``lambda_logsigma``, ``lambda_stft``, ``lambda_mel``,
+    ``distill:`` config block (``lambda_kl``, ``lambda_logsigma``, ``lambda_stft``, ``lambda_mel``,
     ``estimator``, ``skip_receptive_field``, ``skip``, ``stft_resolutions``); ``features`` is
     the mel front end the mel loss uses. With ``skip_receptive_field``
     the first ``teacher.receptive_field`` steps of every segment, where the teacher sees the
@@ -225,6 +229,7 @@ def make_distill_objective(teacher: nn.Module, dcfg: Mapping, features: nn.Modul
             else int(dcfg.get("skip", 0)))
     resolutions = dcfg.get("stft_resolutions")
     options = dict(
+        lambda_kl=float(dcfg.get("lambda_kl", 1.0)),
         lambda_logsigma=float(dcfg.get("lambda_logsigma", 4.0)),
         lambda_stft=float(dcfg.get("lambda_stft", 1.0)),
         estimator=str(dcfg.get("estimator", "closed_form")),

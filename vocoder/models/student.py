@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from vocoder.errors import VocoderError
 from vocoder.losses import standard_normal_log_prob
 from vocoder.models.base import Vocoder
+from vocoder.models.streams import StudentStream
 from vocoder.nn.baking import bake_wavenet
 from vocoder.nn.parallel import ParallelStack, ParallelWork
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
@@ -210,6 +211,12 @@ class Student(Vocoder):
         """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` in one parallel pass from noise
         ``z`` (drawn when ``None``) times ``sigma`` (default 1.0)."""
         return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma)
+
+    def stream(self, sigma: float | None = None) -> StudentStream:
+        """Exact streaming synthesis (:class:`~vocoder.models.streams.StudentStream`): pushed
+        mel chunks give, concatenated, :meth:`synthesize` of the whole mel with the same
+        noise."""
+        return StudentStream(self, 1.0 if sigma is None else sigma)
 
     def prepare_for_inference(self) -> Student:
         for flow in self.flows:

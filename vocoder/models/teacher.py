@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vocoder.losses import gaussian_log_prob
 from vocoder.models.base import Vocoder
+from vocoder.models.streams import TeacherStream
 from vocoder.nn.baking import bake_wavenet
 from vocoder.nn.incremental import IncrementalStack
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
@@ -244,6 +245,11 @@ class Teacher(Vocoder):
         """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from noise ``z`` (drawn when
         ``None``) times ``sigma`` (default 1.0), by cached sampling."""
         return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma)
+
+    def stream(self, sigma: float | None = None) -> TeacherStream:
+        """Exact streaming synthesis (:class:`~vocoder.models.streams.TeacherStream`): the
+        cached sampler continued over pushed mel chunks."""
+        return TeacherStream(self, 1.0 if sigma is None else sigma)
 
     def prepare_for_inference(self) -> Teacher:
         self.wavenet.remove_weight_norm()

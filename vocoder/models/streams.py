@@ -1,0 +1,202 @@
+"""Streaming synthesis: mel frames in as an acoustic model produces them, audio out as soon as
+it is final.
+
+``stream = model.stream(sigma=None)``; ``stream.push(mel [B, n_mels, f], z=None) -> audio
+[B, n]`` takes the next ``f >= 1`` frames (and optionally their standard normal noise
+``[B, f * hop]``) and returns every sample that can no longer change; ``stream.flush() -> audio``
+ends the utterance and returns the rest. ``stream.lookahead_frames`` is the algorithmic latency:
+a frame's samples come out once that many further frames have been pushed.
+
+* :class:`StudentStream` and :class:`TeacherStream` are **exact**: the pieces, concatenated,
+  equal ``model.synthesize(mel, sigma, z)`` of the whole mel with the same noise, for any
+  chunking (float rounding aside). Both models are causal in their noise and read a bounded
+  number of future frames through the mel upsampler (:class:`~vocoder.nn.streaming.
+  ConditioningStream`). The student keeps, per flow, its last input sample and every layer's
+  past convolution inputs; the teacher keeps its sampler's tap buffers.
+* :class:`ChunkedStream` (WaveGlow, which is not causal) synthesises windows with
+  ``context_frames`` of real mel on each side of the samples it hands out; the seams differ a
+  little from whole-utterance synthesis (measured in docs/BENCHMARKS.md), so ``exact`` is
+  ``False``.
+
+Shapes: ``B`` batch (fixed by the first push), ``f`` frames per push, ``hop`` samples per frame.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vocoder.nn.streaming import ConditioningStream
+
+
+class SynthesisStream:
+    """What every stream shares: input checks, the noise queue and the output type."""
+
+    #: Whether the concatenated pieces equal whole-utterance synthesis.
+    exact = True
+    lookahead_frames = 0
+
+    def __init__(self, model, sigma: float):
+        self.model = model
+        self.sigma = float(sigma)
+        self.batch: int | None = None
+        self._noise: list[Tensor] = []
+        self._queued = 0
+        self._flushed = False
+        self._dtype = next(model.parameters()).dtype
+        self._device = next(model.parameters()).device
+
+    def push(self, mel: Tensor, z: Tensor | None = None) -> Tensor:
+        """The next frames ``mel [B, n_mels, f]`` (``f >= 1``) and their noise ``z [B, f * hop]``
+        (drawn when ``None``) -> the samples now final, ``[B, n]``."""
+        if self._flushed:
+            raise RuntimeError("this stream was flushed; start a new one with model.stream()")
+        if mel.dim() != 3 or mel.shape[-1] < 1:
+            raise ValueError(f"mel must be [B, {self.model.n_mels}, f] with f >= 1, "
+                             f"got {tuple(mel.shape)}")
+        if self.batch is not None and mel.shape[0] != self.batch:
+            raise ValueError(f"this stream has batch {self.batch}, got a mel of batch "
+                             f"{mel.shape[0]}")
+        mel = mel.to(self._device, self._dtype)
+        noise = self.model.noise(mel, z) * self.sigma
+        self.batch = mel.shape[0]
+        self._noise.append(noise)
+        self._queued += noise.shape[-1]
+        with torch.inference_mode():
+            return self._advance(mel)
+
+    def flush(self) -> Tensor:
+        """End the utterance: every sample not yet returned, ``[B, n]``."""
+        if self._flushed:
+            raise RuntimeError("this stream was already flushed")
+        self._flushed = True
+        if self.batch is None:
+            return torch.zeros(0, 0, device=self._device, dtype=self._dtype)
+        with torch.inference_mode():
+            return self._finish()
+
+    def _take_noise(self, n: int) -> Tensor:
+        """The next ``n`` samples of queued noise ``[B, n]``."""
+        noise = torch.cat(self._noise, dim=-1) if len(self._noise) > 1 else self._noise[0]
+        self._noise = [noise[:, n:]]
+        self._queued -= n
+        return noise[:, :n]
+
+    def _advance(self, mel: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _finish(self) -> Tensor:
+        raise NotImplementedError
+
+
+class _CausalStream(SynthesisStream):
+    """A model causal in its noise: conditioning from :class:`ConditioningStream`, then
+    :meth:`_generate` on the samples it covers."""
+
+    def __init__(self, model, sigma: float):
+        super().__init__(model, sigma)
+        self.conditioning = ConditioningStream(model.upsampler)
+        self.lookahead_frames = self.conditioning.lookahead_frames
+
+    def _advance(self, mel: Tensor) -> Tensor:
+        return self._run(self.conditioning.push(mel))
+
+    def _finish(self) -> Tensor:
+        return self._run(self.conditioning.flush())
+
+    def _run(self, cond: Tensor) -> Tensor:
+        n = cond.shape[-1]
+        if n == 0:
+            return cond.new_zeros(self.batch, 0)
+        return self._generate(self._take_noise(n), cond)
+
+    def _generate(self, z: Tensor, cond: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class StudentStream(_CausalStream):
+    """The IAF student, flow by flow on each new piece of noise, from kept state: per flow,
+    its last input sample (a flow reads its input shifted by one) and its WaveNet's per-layer
+    past inputs (:meth:`~vocoder.nn.wavenet.WaveNetStack.initial_state`)."""
+
+    def _generate(self, z: Tensor, cond: Tensor) -> Tensor:
+        model = self.model
+        if not hasattr(self, "_last"):
+            self._last = [z.new_zeros(self.batch, 1) for _ in model.flows]
+            self._state = [flow.initial_state(self.batch, z.device, z.dtype)
+                           for flow in model.flows]
+        mu_tot = torch.zeros_like(z)
+        log_sigma_tot = torch.zeros_like(z)
+        h = z
+        for k, flow in enumerate(model.flows):
+            shifted = torch.cat([self._last[k], h[:, :-1]], dim=-1)
+            self._last[k] = h[:, -1:]
+            out = flow(shifted.unsqueeze(1), cond, self._state[k])
+            h, mu_tot, log_sigma_tot = model._flow_step(mu_tot, log_sigma_tot, z,
+                                                        out.unbind(1))
+        return h * model.audio_scale
+
+
+class TeacherStream(_CausalStream):
+    """The autoregressive teacher's cached sampler, continued across pushes."""
+
+    def _generate(self, z: Tensor, cond: Tensor) -> Tensor:
+        if not hasattr(self, "_chunks"):
+            self._chunks = self.model._sampling_chunks(self.batch, cuda_graph=False)
+            self._chunks.start()
+        chunks = self._chunks
+        noise = z.t().contiguous().unsqueeze(-1)  # time-major [n, B, 1]
+        x = torch.empty_like(noise)
+        for begin in range(0, noise.shape[0], chunks.steps):
+            end = min(begin + chunks.steps, noise.shape[0])
+            chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end])
+        return x.squeeze(-1).t().contiguous()
+
+
+class ChunkedStream(SynthesisStream):
+    """Chunked synthesis for a model that is not causal (WaveGlow): each push synthesises the
+    frames not yet handed out except the last ``context_frames``, inside a window with
+    ``context_frames`` of mel (and noise) on each side; :meth:`flush` does the rest. Not exact:
+    the window edges differ from the whole utterance's neighbourhood."""
+
+    exact = False
+
+    def __init__(self, model, sigma: float, context_frames: int = 8):
+        super().__init__(model, sigma)
+        if context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {context_frames}")
+        self.context_frames = self.lookahead_frames = int(context_frames)
+        self._mel: Tensor | None = None  # frames from `_offset` on
+        self._z: Tensor | None = None
+        self._offset = 0
+        self._received = 0
+        self._emitted = 0
+
+    def _advance(self, mel: Tensor) -> Tensor:
+        self._mel = mel if self._mel is None else torch.cat([self._mel, mel], dim=-1)
+        self._z = self._take_noise(self._queued) if self._z is None else torch.cat(
+            [self._z, self._take_noise(self._queued)], dim=-1)
+        self._received += mel.shape[-1]
+        return self._emit(self._received - self.context_frames)
+
+    def _finish(self) -> Tensor:
+        return self._emit(self._received)
+
+    def _emit(self, end: int) -> Tensor:
+        assert self._mel is not None and self._z is not None
+        if end <= self._emitted:
+            return self._mel.new_zeros(self.batch, 0)
+        hop, start = self.model.hop_length, self._emitted
+        first = max(0, start - self.context_frames)
+        last = min(self._received, end + self.context_frames)
+        mel = self._mel[..., first - self._offset:last - self._offset]
+        z = self._z[:, (first - self._offset) * hop:(last - self._offset) * hop]
+        # The noise was scaled on arrival: synthesise at temperature 1.
+        audio = self.model.synthesize(mel, sigma=1.0, z=z)
+        out = audio[:, (start - first) * hop:(end - first) * hop]
+        self._emitted = end
+        keep = max(0, end - self.context_frames)
+        self._mel = self._mel[..., keep - self._offset:]
+        self._z = self._z[:, (keep - self._offset) * hop:]
+        self._offset = keep
+        return out
