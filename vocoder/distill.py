@@ -138,9 +138,9 @@ class DistillationObjective(nn.Module):
 
     ``loss = mean_B(lambda_kl * kl + lambda_logsigma * logsigma_reg) + lambda_stft * stft
     + lambda_mel * mel``. ``lambda_kl`` (default 1) below 1 lets the spectral terms against the
-    real audio outweigh a teacher whose own samples lack pitch. Metrics: those four (``stft``, ``mel`` only when used),
-    ``kl_total`` (nats per utterance), ``student_log_sigma_mean`` and
-    ``teacher_log_sigma_mean``.
+    real audio outweigh a teacher whose own samples lack pitch. Metrics: those four
+    (``stft``, ``mel`` only when used), ``kl_total`` (nats per utterance),
+    ``student_log_sigma_mean`` and ``teacher_log_sigma_mean``.
 
     The teacher's parameters are frozen and it stays in eval mode whatever mode the objective
     is put in; gradients still flow through its activations into the student's sample.
