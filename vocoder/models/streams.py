@@ -1,8 +1,8 @@
 """Streaming synthesis: mel frames in as an acoustic model produces them, audio out as soon as
 it is final.
 
-``stream = model.stream(sigma=None)``; ``stream.push(mel [B, n_mels, f], z=None) -> audio
-[B, n]`` takes the next ``f >= 1`` frames (and optionally their standard normal noise
+``stream = model.stream(sigma=None)``; ``stream.push(mel_chunk [B, n_mels, f], z_chunk=None)
+-> audio [B, n]`` takes the next ``f >= 1`` frames (and optionally their standard normal noise
 ``[B, f * hop]``) and returns every sample that can no longer change; ``stream.flush() -> audio``
 ends the utterance and returns the rest. ``stream.lookahead_frames`` is the algorithmic latency:
 a frame's samples come out once that many further frames have been pushed.
@@ -46,9 +46,11 @@ class SynthesisStream:
         self._dtype = next(model.parameters()).dtype
         self._device = next(model.parameters()).device
 
-    def push(self, mel: Tensor, z: Tensor | None = None) -> Tensor:
-        """The next frames ``mel [B, n_mels, f]`` (``f >= 1``) and their noise ``z [B, f * hop]``
-        (drawn when ``None``) -> the samples now final, ``[B, n]``."""
+    def push(self, mel_chunk: Tensor, z_chunk: Tensor | None = None) -> Tensor:
+        """The next frames ``mel_chunk [B, n_mels, f]`` (``f >= 1``) and their standard normal
+        noise ``z_chunk [B, f * hop]`` (drawn when ``None``) -> the samples now final,
+        ``[B, n]``."""
+        mel, z = mel_chunk, z_chunk
         if self._flushed:
             raise RuntimeError("this stream was flushed; start a new one with model.stream()")
         if mel.dim() != 3 or mel.shape[-1] < 1:
