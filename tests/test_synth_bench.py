@@ -174,7 +174,7 @@ def test_bench_cli_writes_json_table_and_chart(tmp_path):
 def test_op_counter_counts_bytes_once_and_macs_in_every_form():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vocoder.bench import _OpCounter
+    from vocoder.bench.counting import _OpCounter
 
     a, b, out = torch.ones(1000), torch.ones(1000), torch.empty(1000)
     counter = _OpCounter()
@@ -362,3 +362,64 @@ def test_synthesis_traces_into_one_graph_for_torch_compile(kind):
         assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
         assert sum(len(g.graph.nodes) for g in explained.graphs) > 50
     torch._dynamo.reset()
+
+
+def test_synth_cli_streams_in_chunks_and_runs_onnxruntime(tmp_path):
+    ckpt = _checkpoint("student", tmp_path / "student.pt", perturb=True)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    fe = MelFrontEnd.from_preset("tacotron2")
+    mel = fe(torch.from_numpy((0.3 * np.sin(np.arange(6000) / 10)).astype(np.float32)))
+    np.save(inputs / "a.npy", mel.numpy())
+    frames = mel.shape[-1]
+    outs = {}
+    for name, extra in (("whole", []), ("stream", ["stream=true", "chunk_frames=3"])):
+        proc = _run("vocoder.cli.synth", f"checkpoint={ckpt}", f"input={inputs}",
+                    f"output={tmp_path / name}", "progress=false", "seed=3", *extra)
+        assert proc.returncode == 0, proc.stderr
+        outs[name], _ = sf.read(tmp_path / name / "a.wav", dtype="float32")
+        assert len(outs[name]) == frames * 256
+    assert "first audio after" in proc.stdout
+    assert np.abs(outs["stream"]).max() > 1e-3
+    proc = _run("vocoder.cli.synth", f"checkpoint={ckpt}", f"input={inputs}",
+                f"output={tmp_path / 'bad'}", "stream=true", "chunk_frames=0")
+    assert proc.returncode == 2 and "chunk_frames must be positive" in proc.stderr
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vocoder.export import export_onnx
+
+    graph = export_onnx(load_model(ckpt), tmp_path / "student.onnx")
+    proc = _run("vocoder.cli.synth", f"checkpoint={graph}", f"input={inputs}",
+                f"output={tmp_path / 'onnx'}", "progress=false", "backend=onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    audio, _ = sf.read(tmp_path / "onnx" / "a.wav", dtype="float32")
+    assert len(audio) == frames * 256 and np.abs(audio).max() > 1e-3
+    proc = _run("vocoder.cli.synth", f"checkpoint={graph}", f"input={inputs}",
+                f"output={tmp_path / 'onnx2'}", "backend=onnxruntime", "stream=true",
+                "chunk_frames=2")
+    assert proc.returncode == 2 and "without streaming" in proc.stderr
+
+
+def test_bench_cli_times_onnxruntime_and_streams(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ckpt = _checkpoint("student", tmp_path / "student.pt")
+    out = tmp_path / "bench"
+    proc = _run("vocoder.cli.bench", f"output={out}", "device=cpu", "seconds=0.1",
+                "repeats=2", "models=[student]", f"student={ckpt}",
+                "backend=[torch,onnxruntime]", "stream_chunks=[1,3]")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert [(r["model"], r["backend"]) for r in data["rows"]] == [
+        ("student", "torch"), ("student", "onnxruntime")]
+    assert all(r["samples_per_s"] > 0 for r in data["rows"])
+    streams = data["streaming"]
+    assert [s["chunk_frames"] for s in streams] == [1, 3]
+    for s in streams:
+        assert s["exact"] and s["lookahead_frames"] == 3
+        # The first samples are final once lookahead + 1 frames have arrived.
+        needed = -(-4 // s["chunk_frames"]) * s["chunk_frames"]
+        assert s["algorithmic_latency_ms"] == pytest.approx(1000 * needed * 256 / 22050)
+        assert s["first_audio_ms"] > 0 and s["real_time_factor"] > 0
+    text = (out / "bench.md").read_text()
+    assert "| student (onnxruntime) |" in text and "| chunk frames |" in text

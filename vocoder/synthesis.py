@@ -7,6 +7,7 @@ Shapes: mels ``[n_mels, F]`` (natural-log, the checkpoint's preset), audio ``[F 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,27 @@ def _fade(n: int, device, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
+def synthesize_streamed(model, mel: torch.Tensor, sigma: float | None, chunk_frames: int,
+                        sync=lambda: None) -> tuple[torch.Tensor, float]:
+    """``mel [B, n_mels, F]`` pushed ``chunk_frames`` frames at a time through
+    ``model.stream(sigma)`` -> ``(audio [B, F * hop], seconds until the first samples came
+    out)`` (``sync`` waits for the device before a clock is read)."""
+    stream = model.stream(sigma=sigma)
+    pieces, first = [], None
+    start = time.perf_counter()
+    for begin in range(0, mel.shape[-1], chunk_frames):
+        piece = stream.push(mel[..., begin:begin + chunk_frames])
+        if first is None and piece.shape[-1]:
+            sync()
+            first = time.perf_counter() - start
+        pieces.append(piece.float())
+    pieces.append(stream.flush().float())
+    if first is None:
+        sync()
+        first = time.perf_counter() - start
+    return torch.cat(pieces, dim=-1), first
+
+
 def synthesize_long(
     model,
     mel: torch.Tensor,

@@ -1,5 +1,5 @@
 """``vocoder-bench output=DIR device=cpu|cuda [seconds=S] [teacher=CKPT student=CKPT
-waveglow=CKPT]``.
+waveglow=CKPT] [backend=[torch,onnxruntime]] [stream_chunks=[1,4,16]]``.
 
 Writes ``DIR/bench.json``, ``DIR/bench.md`` and ``DIR/bench.png``.
 """
@@ -18,6 +18,7 @@ def _ratios(rows: list[dict]) -> tuple[dict, dict]:
     both were timed at (``"student_over_waveglow bf16 batch 8"``), and under the plain key
     (``student_over_waveglow``) the first such setting, usually fp32 at the first batch."""
     first, by_setting = {}, {}
+    rows = [r for r in rows if r.get("backend", "torch") == "torch"]
     for a, b in (("student", "teacher"), ("student", "waveglow")):
         for ra in (r for r in rows if r["model"] == a):
             setting = (ra["dtype"], ra["batch"], ra["compiled"])
@@ -55,6 +56,8 @@ def main(cfg) -> None:
     from vocoder.bench import (
         bar_chart,
         benchmark_model,
+        benchmark_onnx,
+        benchmark_stream,
         device_rates,
         environment,
         markdown_table,
@@ -72,6 +75,16 @@ def main(cfg) -> None:
     for d in cfg.dtypes:
         if str(d) not in DTYPES:
             raise VocoderError(f"unknown dtype {d!r} (fp32, fp16, bf16)")
+    backends = [str(cfg.backend)] if isinstance(cfg.backend, str) else [str(b) for b in
+                                                                         cfg.backend]
+    unknown = sorted(set(backends) - {"torch", "onnxruntime"})
+    if unknown:
+        raise VocoderError(f"unknown backend {unknown[0]!r} (torch, onnxruntime)")
+    if "onnxruntime" in backends and device.type != "cpu":
+        raise VocoderError("backend=onnxruntime is timed on the CPU only (device=cpu)")
+    stream_chunks = [int(c) for c in cfg.stream_chunks]
+    if any(c < 1 for c in stream_chunks):
+        raise VocoderError(f"stream_chunks must be positive frame counts, got {stream_chunks}")
     features = MelFrontEnd.from_preset(str(cfg.features.preset))
     out = Path(str(cfg.output))
     out.mkdir(parents=True, exist_ok=True)
@@ -80,17 +93,18 @@ def main(cfg) -> None:
     rates = device_rates(device)
     env = environment(device)
     env["rates"] = rates
-    rows = []
+    rows, stream_rows = [], []
 
     def write() -> None:
         ratios, by_setting = _ratios(rows)
         tmp = out / "bench.json.tmp"
         tmp.write_text(json.dumps({"rows": rows, "ratios": ratios,
                                    "ratios_by_setting": by_setting, "environment": env,
+                                   "streaming": stream_rows,
                                    "experiment": str(cfg.experiment)}, indent=1))
         tmp.replace(out / "bench.json")
         shown = by_setting if len(by_setting) > len(ratios) else ratios
-        (out / "bench.md").write_text(markdown_table(rows, shown, env))
+        (out / "bench.md").write_text(markdown_table(rows, shown, env, stream_rows))
 
     for name in cfg.models:
         name = str(name)
@@ -109,7 +123,7 @@ def main(cfg) -> None:
             check = (precision_check(model, str(dtype), device, front_end,
                                      float(cfg.check_seconds))
                      if str(dtype) != "fp32" and float(cfg.check_seconds) > 0 else {})
-            for batch in cfg.batches:
+            for batch in (cfg.batches if "torch" in backends else []):
                 row = benchmark_model(
                     name,
                     model,
@@ -134,6 +148,25 @@ def main(cfg) -> None:
                     f"RTF {row['real_time_factor']:.4f}, "
                     f"{row['macs_per_sample'] / 1e3:,.1f} kMACs/sample"
                 )
+        if "onnxruntime" in backends and model.kind != "teacher":
+            for batch in cfg.batches:
+                row = benchmark_onnx(name, model, int(batch), seconds, sr,
+                                     repeats=int(cfg.repeats), warmup=int(cfg.warmup))
+                row["source"] = (str(cfg[name]) if cfg.get(name)
+                                 else f"random weights, {cfg.experiment} sizes")
+                rows.append(row)
+                write()
+                print(f"{name:9s} onnxruntime fp32 batch {batch}: "
+                      f"{row['samples_per_s']:,.0f} samples/s, RTF "
+                      f"{row['real_time_factor']:.4f} (exported in {row['export_seconds']:.0f} s)")
+        for chunk in stream_chunks:
+            srow = benchmark_stream(name, model.float().to(device), chunk, seconds, sr,
+                                    repeats=int(cfg.repeats), warmup=int(cfg.warmup))
+            stream_rows.append(srow)
+            write()
+            print(f"{name:9s} streamed in chunks of {chunk} frame(s): first audio after "
+                  f"{srow['first_audio_ms']:.1f} ms compute + {srow['algorithmic_latency_ms']:.0f}"
+                  f" ms of frames, RTF {srow['real_time_factor']:.4f}")
         del model
     write()
     bar_chart(rows, out / "bench.png")

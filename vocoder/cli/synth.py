@@ -1,4 +1,10 @@
-"""``vocoder-synth checkpoint=CKPT input=FILE_OR_DIR output=DIR [sigma=S] [device=cpu|cuda]``.
+"""``vocoder-synth checkpoint=CKPT input=FILE_OR_DIR output=DIR [sigma=S] [device=cpu|cuda]
+[backend=torch|onnxruntime] [stream=true chunk_frames=N]``.
+
+``backend=onnxruntime`` runs an exported graph (``checkpoint=FILE.onnx``) or exports the
+checkpoint first. ``stream=true`` pushes ``chunk_frames`` mel frames at a time through
+``model.stream()`` (student and teacher: exact; WaveGlow: chunked with context) and reports when
+the first audio came out.
 
 One 16-bit wav per input (same stem), ``frames * hop`` samples long. Inputs that cannot be
 used are named on one line each and skipped; the exit code is non-zero when any failed.
@@ -21,6 +27,23 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _onnx_model(cfg):
+    """The graph to run: ``checkpoint`` itself when it is an ``.onnx`` file, else the
+    checkpoint exported now (at ``sigma``) into a temporary folder."""
+    import tempfile
+
+    from vocoder.export import OnnxVocoder, export_onnx
+    from vocoder.models import load_model
+
+    if str(cfg.checkpoint).endswith(".onnx"):
+        return OnnxVocoder(cfg.checkpoint)
+    model = load_model(cfg.checkpoint)
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, Path(folder) / "model.onnx", sigma=cfg.sigma)
+        graph = OnnxVocoder(path)
+    return graph
+
+
 @hydra_app("synth")
 def main(cfg) -> None:
     import torch
@@ -35,6 +58,7 @@ def main(cfg) -> None:
         read_input,
         set_tf32,
         synthesize_long,
+        synthesize_streamed,
     )
 
     if str(cfg.dtype) not in DTYPES:
@@ -42,15 +66,32 @@ def main(cfg) -> None:
     device = torch.device(str(cfg.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VocoderError("device=cuda but no CUDA device is visible")
+    backend = str(cfg.backend)
+    if backend not in ("torch", "onnxruntime"):
+        raise VocoderError(f"unknown backend {backend!r} (torch, onnxruntime)")
+    stream = bool(cfg.stream)
+    if int(cfg.chunk_frames) < (1 if stream else 0):
+        raise VocoderError(f"chunk_frames must be positive with stream=true, got "
+                           f"{cfg.chunk_frames}")
     files = list_inputs(cfg.input)
-    model = load_model(cfg.checkpoint, device=device)
     dtype = DTYPES[str(cfg.dtype)]
-    set_tf32(str(cfg.dtype) == "tf32")
-    model = model.to(dtype)
+    if backend == "onnxruntime":
+        if device.type != "cpu" or str(cfg.dtype) != "fp32" or stream:
+            raise VocoderError("backend=onnxruntime runs fp32 on the CPU, without streaming "
+                               "(device=cpu dtype=fp32 stream=false)")
+        model = _onnx_model(cfg)
+    else:
+        model = load_model(cfg.checkpoint, device=device)
+        set_tf32(str(cfg.dtype) == "tf32")
+        model = model.to(dtype)
     features = model.features
+    if features is None:
+        raise VocoderError(f"{cfg.checkpoint}: the graph records no mel front end")
+    if stream and not hasattr(model, "stream"):
+        raise VocoderError(f"a {model.kind} cannot stream")
     denoiser = None
     if float(cfg.denoise) > 0:
-        if model.kind != "waveglow":
+        if model.kind != "waveglow" or backend != "torch":
             raise VocoderError(f"denoise applies to WaveGlow checkpoints only, not a {model.kind}")
         from vocoder.denoiser import Denoiser
 
@@ -83,10 +124,15 @@ def main(cfg) -> None:
         mel = pad_mels([b.mel for b in batch], features.silence_level()).to(device, dtype)
         _sync(device)
         t0 = time.perf_counter()
+        first = None
         with torch.no_grad():
-            audio = synthesize_long(model, mel, sigma=cfg.sigma,
-                                    chunk_frames=int(cfg.chunk_frames),
-                                    overlap_frames=int(cfg.overlap_frames)).float()
+            if stream:
+                audio, first = synthesize_streamed(model, mel, cfg.sigma,
+                                                   int(cfg.chunk_frames), lambda: _sync(device))
+            else:
+                audio = synthesize_long(model, mel, sigma=cfg.sigma,
+                                        chunk_frames=int(cfg.chunk_frames),
+                                        overlap_frames=int(cfg.overlap_frames)).float()
             if denoiser is not None:
                 audio = denoiser(audio, strength=float(cfg.denoise))
         _sync(device)
@@ -100,6 +146,8 @@ def main(cfg) -> None:
             seconds = n / sr
             share = elapsed * seconds / batch_seconds
             msg = f"{item.path.name}: {seconds:.2f} s of audio, RTF {share / seconds:.4f}"
+            if first is not None:
+                msg += f", first audio after {first * 1000:.0f} ms"
             (progress.write if progress is not None else print)(msg)
         if progress is not None:
             progress.update(len(batch))
