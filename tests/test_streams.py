@@ -9,8 +9,9 @@ import torch
 
 import vocoder
 from vocoder.data.demo import generate_utterance
+from vocoder.nn.parallel import ParallelWork
 from vocoder.nn.streaming import ConditioningStream
-from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
+from vocoder.nn.wavenet import MelUpsampler
 
 HOP = 256
 
@@ -72,18 +73,23 @@ def test_conditioning_stream_equals_the_upsampler_on_the_whole_mel(hop, frame_co
         torch.testing.assert_close(torch.cat(pieces, -1), whole, rtol=0, atol=1e-12)
 
 
-def test_wavenet_state_makes_pieces_equal_the_whole_signal():
-    stack = WaveNetStack(1, 2, n_layers=5, cycle_length=3, residual_channels=4,
-                         gate_channels=6, skip_channels=4, cond_channels=3).double()
-    x = torch.randn(2, 1, 50, dtype=torch.float64)
-    cond = torch.randn(2, 3, 50, dtype=torch.float64)
-    whole = stack(x, cond)
-    state = stack.initial_state(2, dtype=torch.float64)
-    pieces = [stack(x[..., a:b], cond[..., a:b], state)
-              for a, b in [(0, 1), (1, 9), (9, 10), (10, 50)]]
-    torch.testing.assert_close(torch.cat(pieces, -1), whole, rtol=0, atol=1e-12)
-    # The state is the last inputs of each layer: a longer history changes nothing more.
-    assert [s.shape[-1] for s in state] == [2, 4, 8, 2, 4]
+def test_parallel_stack_state_makes_pieces_equal_the_whole_signal():
+    model = _trained_like("student").double()
+    mel = torch.randn(2, 80, 11, dtype=torch.float64) - 5
+    z = torch.randn(2, 11 * HOP, dtype=torch.float64)
+    flows = model._parallel_flows(z.device, z.dtype)
+    whole = flows[0](z, ParallelWork(model.upsampler, flows, mel)).clone()
+    state = flows[0].initial_state(2)
+    pieces = []
+    for a, b in [(0, 1), (1, 5), (5, 6), (6, 11)]:  # frames, with the whole mel as context
+        work = ParallelWork(model.upsampler, flows, mel, emit=(a, b))
+        pieces.append(flows[0](z[:, a * HOP:b * HOP], work, state).clone())
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=0, atol=1e-12)
+    # The state is the last inputs of each layer: its longest tap, whatever came before.
+    layers = flows[0].baked.layers
+    assert state.source.shape == (2, max(s for s, _ in layers[0].taps), 2)
+    assert [t.shape[1] for t in state.layers[1:]] == [max(s for s, _ in layer.taps)
+                                                      for layer in layers[1:]]
 
 
 @pytest.mark.parametrize("kind", ["student", "teacher"])
@@ -109,8 +115,11 @@ def test_student_stream_state_is_bounded_by_the_receptive_field():
     mel = _speech_mel(model, 13, batch=1)
     for i in range(13):
         stream.push(mel[..., i:i + 1])
-    for flow, state in zip(model.flows, stream._state, strict=True):
-        assert sum(s.shape[-1] for s in state) == flow.receptive_field - 1
+    for flow, state in zip(model.flows, stream._states, strict=True):
+        # The first layer's past rows (x, 1) and every later layer's past inputs: exactly
+        # the receptive field behind the current sample, whatever the stream's length.
+        kept = state.source.shape[1] + sum(s.shape[1] for s in state.layers[1:])
+        assert kept == flow.receptive_field - 1
 
 
 def test_stream_draws_noise_when_none_is_given_and_checks_its_input():

@@ -12,7 +12,8 @@ a frame's samples come out once that many further frames have been pushed.
   chunking (float rounding aside). Both models are causal in their noise and read a bounded
   number of future frames through the mel upsampler (:class:`~vocoder.nn.streaming.
   ConditioningStream`). The student keeps, per flow, its last input sample and every layer's
-  past convolution inputs; the teacher keeps its sampler's tap buffers.
+  last inputs, and runs the engine of its whole-utterance synthesis; the teacher keeps its
+  sampler's tap buffers.
 * :class:`ChunkedStream` (WaveGlow, which is not causal) synthesises windows with
   ``context_frames`` of real mel on each side of the samples it hands out; the seams differ a
   little from whole-utterance synthesis (measured in docs/BENCHMARKS.md), so ``exact`` is
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vocoder.nn.parallel import ParallelWork
 from vocoder.nn.streaming import ConditioningStream
 
 
@@ -117,25 +119,34 @@ class _CausalStream(SynthesisStream):
 
 
 class StudentStream(_CausalStream):
-    """The IAF student, flow by flow on each new piece of noise, from kept state: per flow,
-    its last input sample (a flow reads its input shifted by one) and its WaveNet's per-layer
-    past inputs (:meth:`~vocoder.nn.wavenet.WaveNetStack.initial_state`)."""
+    """The IAF student's baked flows (:class:`~vocoder.nn.parallel.ParallelStack`, the engine
+    of :meth:`~vocoder.models.student.Student.synthesize`) run on each new piece of noise
+    from kept state: per flow, its last input sample and every layer's last inputs
+    (:class:`~vocoder.nn.parallel.StackState`). The conditioning is the polyphase form of
+    the frames that just became final, read from a window of frames around them."""
 
-    def _generate(self, z: Tensor, cond: Tensor) -> Tensor:
+    def _advance(self, mel: Tensor) -> Tensor:
+        return self._run_frames(self.conditioning.push_frames(mel))
+
+    def _finish(self) -> Tensor:
+        return self._run_frames(self.conditioning.flush_frames())
+
+    def _run_frames(self, taken: tuple[Tensor, int, int]) -> Tensor:
+        window, a, b = taken
+        if a == b:
+            return window.new_zeros(self.batch, 0)
         model = self.model
-        if not hasattr(self, "_last"):
-            self._last = [z.new_zeros(self.batch, 1) for _ in model.flows]
-            self._state = [flow.initial_state(self.batch, z.device, z.dtype)
-                           for flow in model.flows]
+        z = self._take_noise((b - a) * model.hop_length)
+        flows = model._parallel_flows(z.device, z.dtype)
+        if not hasattr(self, "_states"):
+            self._states = [flow.initial_state(self.batch) for flow in flows]
+        work = ParallelWork(model.upsampler, flows, window, emit=(a, b))
         mu_tot = torch.zeros_like(z)
         log_sigma_tot = torch.zeros_like(z)
         h = z
-        for k, flow in enumerate(model.flows):
-            shifted = torch.cat([self._last[k], h[:, :-1]], dim=-1)
-            self._last[k] = h[:, -1:]
-            out = flow(shifted.unsqueeze(1), cond, self._state[k])
+        for flow, state in zip(flows, self._states, strict=True):
             h, mu_tot, log_sigma_tot = model._flow_step(mu_tot, log_sigma_tot, z,
-                                                        out.unbind(1))
+                                                        flow(h, work, state).unbind(-1))
         return h * model.audio_scale
 
 

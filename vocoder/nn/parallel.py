@@ -7,6 +7,8 @@ and the mel conditioning that several stacks of one synthesis share.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,10 +47,24 @@ class ParallelStack:
     def padding(self) -> int:
         return self.baked.padding
 
-    def __call__(self, h: Tensor, work: ParallelWork) -> Tensor:
+    def initial_state(self, batch: int) -> StackState:
+        """The streaming state at the start of a signal (all history zero)."""
+        ref = self.baked.input_weight
+        shifts = [max(shift for shift, _ in layer.taps) for layer in self.baked.layers]
+        return StackState(ref.new_zeros(batch, 1), ref.new_zeros(batch, shifts[0], 2),
+                          [ref.new_zeros(batch, p, self.baked.residual_channels)
+                           for p in shifts])
+
+    def __call__(self, h: Tensor, work: ParallelWork, state: StackState | None = None
+                 ) -> Tensor:
         """``h [B, T]`` (the input, not yet shifted) -> ``[B, T, C_out]``: the stack's output
         at ``t`` from ``h[:, :t]`` (the input shifted right by one, zero first). Inference
-        only (no autograd); the result is a view of a buffer of ``work``."""
+        only (no autograd); the result is a view of a buffer of ``work``.
+
+        With ``state`` (:meth:`initial_state`) the call is the next piece of a longer signal:
+        the padding rows of every layer hold that layer's last inputs instead of zeros, and
+        ``state`` is updated to end with this piece, so pieces give the whole signal's output.
+        """
         baked = self.baked
         batch, length = h.shape
         pad, gate_channels, hop = work.padding, baked.gate_channels, work.hop
@@ -57,12 +73,26 @@ class ParallelStack:
         projected = torch.mm(work.frames, baked.cond_weight)
         row = projected.stride(0)
         start = projected.storage_offset() + work.first_window * row
-        shifted = F.pad(h, (1, -1))
+        if state is None:
+            shifted = F.pad(h, (1, -1))
+        else:
+            shifted = torch.cat([state.last, h[:, :-1]], dim=1)
+            state.last = h[:, -1:].clone()
         torch.addcmul(baked.input_bias, shifted.unsqueeze(-1), baked.input_weight[0],
                       out=rows.view(batch, pad + length, -1)[:, pad:])
-        work.source.view(batch, pad + length, 2)[:, pad:, 0] = shifted
+        source = work.source.view(batch, pad + length, 2)
+        source[:, pad:, 0] = shifted
+        if state is not None:
+            kept = state.source.shape[1]
+            source[:, pad - kept:pad] = state.source
+            state.source = _last(state.source, source[:, pad:], kept)
         for i, layer in enumerate(baked.layers):
             tap_rows = work.source if i == 0 else rows
+            if state is not None and i > 0:
+                view = rows.view(batch, pad + length, -1)
+                kept = state.layers[i].shape[1]
+                view[:, pad - kept:pad] = state.layers[i]
+                state.layers[i] = _last(state.layers[i], view[:, pad:], kept)
             # Row blocks of whole hops: every op below is local to its rows once the layer's
             # input exists, so the gate of one block stays in cache from matmul to 1x1s. The
             # blocks run last to first, so the residual update can be in place: a block's taps
@@ -99,6 +129,26 @@ class ParallelStack:
         return work.out.view(batch, pad + length, -1)[:, pad:]
 
 
+@dataclasses.dataclass
+class StackState:
+    """What a :class:`ParallelStack` keeps between pieces of one signal: ``last [B, 1]`` the
+    previous piece's last input sample, ``source [B, P_0, 2]`` the first layer's last rows
+    ``(x, 1)`` of shifted input (``(0, 0)`` before the signal: the zero padding of the first
+    layer's input), and ``layers[i] [B, P_i, R]`` the last ``P_i`` inputs of layer ``i``
+    (its longest tap; ``layers[0]`` unused: the first layer reads ``source``)."""
+
+    last: Tensor
+    source: Tensor
+    layers: list[Tensor]
+
+
+def _last(history: Tensor, new: Tensor, kept: int) -> Tensor:
+    """The last ``kept`` steps (dim 1) of ``history`` followed by ``new``, as a new tensor."""
+    if new.shape[1] >= kept:
+        return new[:, new.shape[1] - kept:].clone()
+    return torch.cat([history, new], dim=1)[:, -kept:].clone()
+
+
 class ParallelWork:
     """Buffers and conditioning shared by the :class:`ParallelStack` passes of one synthesis.
 
@@ -109,6 +159,9 @@ class ParallelWork:
     gaps, ``J`` more at the end) and ``polyphase [blocks, hop, 2J + 1]`` the upsampling
     weights of each computed block (zero for the gaps).
 
+    ``emit=(a, b)`` (streaming) computes only frames ``a .. b - 1`` of ``mel``; the others are
+    context: the frames the polyphase windows of ``a .. b - 1`` read are copied beside them.
+
     Each layer runs over ``blocks``, ranges of whole hops of about :data:`CPU_BLOCK_ROWS`
     rows on CPU (all rows in one range elsewhere, or when it is ``None``), with the gate and
     the head's hidden layer in buffers of one range. On CPU ranges of a few thousand rows
@@ -116,14 +169,22 @@ class ParallelWork:
     whole sequences); on a GPU one range for all rows launches the fewest kernels.
     """
 
-    def __init__(self, upsampler, stacks: list[ParallelStack], mel: Tensor):
+    def __init__(self, upsampler, stacks: list[ParallelStack], mel: Tensor,
+                 emit: tuple[int, int] | None = None):
         baked = stacks[0].baked
         device, dtype = baked.input_weight.device, baked.input_weight.dtype
         block_rows = CPU_BLOCK_ROWS if device.type == "cpu" else None
-        batch, _, frames = mel.shape
+        batch, _, window_frames = mel.shape
         hop = self.hop = upsampler.hop_length
-        polyphase, reach = upsampler.polyphase(frames, device, dtype)
+        # `emit` (streaming): compute only frames [a, b) of `mel`, the rest being context.
+        a, b = (0, window_frames) if emit is None else emit
+        frames = b - a
+        polyphase, reach = upsampler.polyphase(window_frames, device, dtype)
+        polyphase = polyphase[a:b]
         pad_frames = max(reach, -(-max(stack.padding for stack in stacks) // hop))
+        if emit is not None:
+            # Room for one sequence's right context and the next one's left context.
+            pad_frames = max(pad_frames, 2 * reach)
         stride = pad_frames + frames
         self.padding = pad_frames * hop
         self.window = 2 * reach + 1
@@ -135,7 +196,12 @@ class ParallelWork:
         with torch.no_grad():
             features = upsampler.project_frames(mel).transpose(1, 2)
         self.frames = features.new_zeros(batch * stride + reach, features.shape[-1])
-        self.frames[:batch * stride].view(batch, stride, -1)[:, pad_frames:] = features
+        # Each sequence's computed frames, with the context its polyphase windows read.
+        before, after = min(reach, a), min(reach, window_frames - b)
+        for i in range(batch):
+            first = i * stride + pad_frames
+            self.frames[first - before:first + frames + after] = features[i, a - before:
+                                                                          b + after]
         blocks = polyphase.new_zeros(batch, stride, hop, self.window)
         blocks[:, pad_frames:] = polyphase
         self.polyphase = blocks.view(batch * stride, hop, -1)[pad_frames:]

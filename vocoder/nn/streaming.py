@@ -42,28 +42,44 @@ class ConditioningStream:
     def push(self, mel: Tensor) -> Tensor:
         """Append ``mel [B, n_mels, f]``; returns the conditioning of the frames that are final
         now (those with ``lookahead_frames`` frames after them), ``[B, C, n * hop]``."""
-        self.frames = mel if self.frames is None else torch.cat([self.frames, mel], dim=-1)
-        self.received += mel.shape[-1]
-        return self._emit(self.received - self.lookahead_frames)
+        return self._conditioning(self.push_frames(mel))
 
     def flush(self) -> Tensor | None:
         """The conditioning of every frame not yet handed out (``None`` before any push)."""
         if self.frames is None:
             return None
-        return self._emit(self.received)
+        return self._conditioning(self.flush_frames())
 
-    def _emit(self, end: int) -> Tensor:
+    def push_frames(self, mel: Tensor) -> tuple[Tensor, int, int]:
+        """:meth:`push` before upsampling: ``(window [B, n_mels, w], a, b)``, the frames
+        ``a .. b - 1`` of ``window`` being the newly final ones (``a == b``: none) and the rest
+        the context their conditioning reads."""
+        self.frames = mel if self.frames is None else torch.cat([self.frames, mel], dim=-1)
+        self.received += mel.shape[-1]
+        return self._take(self.received - self.lookahead_frames)
+
+    def flush_frames(self) -> tuple[Tensor, int, int]:
+        """:meth:`flush` before upsampling (after at least one push)."""
+        assert self.frames is not None
+        return self._take(self.received)
+
+    def _conditioning(self, taken: tuple[Tensor, int, int]) -> Tensor:
+        window, a, b = taken
+        if a == b:
+            return window.new_zeros(window.shape[0], self.upsampler.out_channels, 0)
+        hop = self.upsampler.hop_length
+        return self.upsampler(window)[..., a * hop:b * hop]
+
+    def _take(self, end: int) -> tuple[Tensor, int, int]:
         assert self.frames is not None
         end = max(end, self.emitted)
         start = max(0, self.emitted - self.margin)
         if end == self.emitted:
-            batch = self.frames.shape[0]
-            return self.frames.new_zeros(batch, self.upsampler.out_channels, 0)
+            return self.frames[..., :0], 0, 0
         window = self.frames[..., start - self.offset:self.received - self.offset]
-        hop = self.upsampler.hop_length
-        cond = self.upsampler(window)[..., (self.emitted - start) * hop:(end - start) * hop]
+        taken = (window, self.emitted - start, end - start)
         self.emitted = end
         keep_from = max(0, self.emitted - self.margin)
         self.frames = self.frames[..., keep_from - self.offset:]
         self.offset = keep_from
-        return cond
+        return taken

@@ -51,12 +51,8 @@ class CausalConv1d(nn.Module):
     def receptive_field(self) -> int:
         return self.left_padding + 1
 
-    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
-        """``past [B, C_in, left_padding]`` (the inputs just before ``x``; ``None``: zeros, the
-        start of a signal) takes the place of the zero padding."""
-        if past is None:
-            return self.conv(F.pad(x, (self.left_padding, 0)))
-        return self.conv(torch.cat([past, x], dim=-1))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (self.left_padding, 0)))
 
 
 class ResidualBlock(nn.Module):
@@ -84,9 +80,8 @@ class ResidualBlock(nn.Module):
         out_channels = skip_channels + (residual_channels if has_residual else 0)
         self.out = nn.Conv1d(gate_channels // 2, out_channels, 1)
 
-    def forward(self, h: Tensor, cond: Tensor | None = None,
-                past: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-        gate = self.conv(h, past)
+    def forward(self, h: Tensor, cond: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        gate = self.conv(h)
         if cond is not None:
             gate = gate + cond
         filt, gate_half = gate.chunk(2, dim=1)
@@ -156,19 +151,7 @@ class WaveNetStack(nn.Module):
         if (cond is None) != (self.cond is None):
             raise ValueError("cond must be given exactly when the stack has cond_channels > 0")
 
-    def initial_state(self, batch: int, device: torch.device | str | None = None,
-                      dtype: torch.dtype | None = None) -> list[Tensor]:
-        """The streaming state at the start of a signal: per block, its convolution's past
-        inputs ``[batch, R, left_padding]``, all zero (the zero padding of :meth:`forward`)."""
-        return [torch.zeros(batch, block.residual_channels, block.conv.left_padding,
-                            device=device, dtype=dtype) for block in self.blocks]
-
-    def forward(self, x: Tensor, cond: Tensor | None = None,
-                state: list[Tensor] | None = None) -> Tensor:
-        """``state`` (from :meth:`initial_state`) makes the call one piece of a longer
-        signal: every block's convolution reads its past inputs from it instead of zero
-        padding, and the list is updated in place to end with this piece's inputs. Pieces run
-        in order give exactly the outputs of one call on the whole signal."""
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         self._check_cond(cond)
         h = self.input(x)
         # One layer's slice of the fused projection at a time: all layers' [B, G, T] at once
@@ -176,14 +159,8 @@ class WaveNetStack(nn.Module):
         cond_weights = (self.cond.weight.split(self.gate_channels) if cond is not None
                         else [None] * self.n_layers)
         skips = None
-        for i, (block, weight) in enumerate(zip(self.blocks, cond_weights, strict=True)):
-            past = None
-            if state is not None:
-                past = state[i]
-                keep = past.shape[-1]
-                if keep:
-                    state[i] = torch.cat([past, h], dim=-1)[..., -keep:]
-            h, skip = block(h, None if weight is None else F.conv1d(cond, weight), past)
+        for block, weight in zip(self.blocks, cond_weights, strict=True):
+            h, skip = block(h, None if weight is None else F.conv1d(cond, weight))
             skips = skip if skips is None else skips + skip
         return self.head(skips * math.sqrt(1.0 / self.n_layers))
 
