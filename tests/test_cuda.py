@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 
 from vocoder.bench import precision_check
 from vocoder.checkpoint import make_checkpoint, save_checkpoint
+from vocoder.devices import set_tf32
 from vocoder.features import MelFrontEnd
 from vocoder.models import load_model, model_from_arch
-from vocoder.synthesis import set_tf32
 
 DEVICE = torch.device(os.environ.get("VOCODER_TEST_DEVICE", "cuda"))
 REPO = Path(__file__).resolve().parents[1]

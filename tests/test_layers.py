@@ -10,9 +10,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vocoder"
 LOWER = ["models", "nn", "flows", "features.py", "errors.py", "checkpoint.py", "losses.py",
-         "audio.py", "atomic.py", "config.py"]
+         "audio.py", "atomic.py", "config.py", "devices.py"]
 UPPER = ("vocoder.training", "vocoder.cli", "vocoder.distill", "vocoder.bench",
-         "vocoder.report", "vocoder.synthesis")
+         "vocoder.report", "vocoder.synthesis", "vocoder.evaluation", "vocoder.export")
 
 
 def _imports(path: Path) -> set[str]:

@@ -214,8 +214,7 @@ def test_failed_graph_capture_falls_back_to_eager_sampling(monkeypatch):
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_beta_nll_weights_each_sample_by_sigma_to_the_2_beta(beta):
-    from vocoder.losses import gaussian_log_prob
-    from vocoder.models.teacher import QUANTISATION_STEP
+    from vocoder.losses import QUANTISATION_STEP, gaussian_log_prob
 
     teacher = tiny_teacher(nll_beta=beta)
     x, mel = random_inputs()

@@ -135,3 +135,40 @@ def test_polyphase_weights_are_the_upsampler_on_the_identity():
     torch.testing.assert_close(rebuilt, matrix, rtol=0, atol=1e-14)
     mel = torch.randn(2, 5, frames, dtype=DTYPE)
     torch.testing.assert_close(upsampler.project_frames(mel) @ matrix, upsampler(mel))
+
+
+def test_weight_norm_is_one_mechanism_that_survives_copies_and_old_checkpoints():
+    import copy
+
+    from vocoder.nn.baking import bake_wavenet
+    from vocoder.nn.weight_norm import WeightNormConv1d
+
+    torch.manual_seed(0)
+    stack = WaveNetStack(1, 2, n_layers=3, cycle_length=2, residual_channels=4,
+                         gate_channels=6, skip_channels=4, cond_channels=3,
+                         weight_norm=True).double()
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    # input, cond, 2 per block, both head 1x1s (the last is not zero-initialised here)
+    assert sum(isinstance(m, WeightNormConv1d) for m in stack.modules()) == 2 + 3 * 2 + 2
+    x = torch.randn(2, 1, 20, dtype=torch.float64)
+    cond = torch.randn(2, 3, 20, dtype=torch.float64)
+    expected = stack(x, cond)
+    # An EMA-style deep copy keeps working after the original drops its weight norm.
+    ema = copy.deepcopy(stack)
+    stack.remove_weight_norm()
+    assert not any(isinstance(m, WeightNormConv1d) for m in stack.modules())
+    torch.testing.assert_close(stack(x, cond), expected)
+    torch.testing.assert_close(ema(x, cond), expected)
+    assert bake_wavenet(ema).input_weight.shape == (1, 4)
+    # A state dict in the layout of torch's parametrizations (checkpoints before session 8).
+    old = {}
+    for key, value in ema.state_dict().items():
+        key = key.replace(".weight_g", ".parametrizations.weight.original0")
+        old[key.replace(".weight_v", ".parametrizations.weight.original1")] = value
+    fresh = WaveNetStack(1, 2, n_layers=3, cycle_length=2, residual_channels=4,
+                         gate_channels=6, skip_channels=4, cond_channels=3,
+                         weight_norm=True).double()
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh(x, cond), expected)

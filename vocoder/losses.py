@@ -13,6 +13,17 @@ import torch
 from torch import Tensor, nn
 
 LOG_2PI = math.log(2 * math.pi)
+# Audio in [-1, 1] comes from 16-bit integers k / 32768: one quantisation step.
+QUANTISATION_STEP = 1.0 / 32768
+
+
+def dequantise(audio: Tensor) -> Tensor:
+    """``audio`` (16-bit values ``k / 32768``) plus uniform noise over its quantisation bin,
+    ``U(-1/2, 1/2)`` steps, centred so the noise adds no bias: the continuous density of the
+    result bounds the likelihood of the discrete data. The one convention of the package
+    (the teacher's and WaveGlow's likelihoods; before session 8 WaveGlow drew ``U(0, 1)``
+    steps)."""
+    return audio + (torch.rand_like(audio) - 0.5) * QUANTISATION_STEP
 
 
 def gaussian_log_prob(x: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:

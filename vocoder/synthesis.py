@@ -18,15 +18,6 @@ from vocoder.audio import AUDIO_EXTENSIONS, load_audio
 from vocoder.errors import InputError, VocoderError
 
 MEL_EXTENSIONS = (".npy",)
-# "tf32": float32 weights and data, with TF32 tensor-core matmuls/convolutions on CUDA.
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
-          "bf16": torch.bfloat16}
-
-
-def set_tf32(enabled: bool) -> None:
-    """Allow (or forbid) TF32 for CUDA matmuls and cuDNN convolutions."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
 
 
 @dataclass

@@ -11,13 +11,8 @@ import numpy as np
 import torch
 
 from vocoder.bench.counting import count_bytes_per_sample, count_macs_per_sample
-from vocoder.synthesis import DTYPES, set_tf32
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
+from vocoder.devices import DTYPES, set_tf32
+from vocoder.devices import sync as _sync
 
 
 def time_synthesis(model, mel: torch.Tensor, repeats: int = 5, warmup: int = 1) -> list[float]:

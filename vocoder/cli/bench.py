@@ -63,13 +63,11 @@ def main(cfg) -> None:
         markdown_table,
         precision_check,
     )
+    from vocoder.devices import DTYPES, resolve_device
     from vocoder.features import MelFrontEnd
     from vocoder.models import load_model, model_from_arch
-    from vocoder.synthesis import DTYPES
 
-    device = torch.device(str(cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VocoderError("device=cuda but no CUDA device is visible")
+    device = resolve_device(str(cfg.device))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     for d in cfg.dtypes:

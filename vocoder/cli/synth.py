@@ -20,13 +20,6 @@ from vocoder.cli.common import hydra_app
 from vocoder.errors import InputError, VocoderError
 
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _onnx_model(cfg):
     """The graph to run: ``checkpoint`` itself when it is an ``.onnx`` file, else the
     checkpoint exported now (at ``sigma``) into a temporary folder."""
@@ -49,23 +42,20 @@ def main(cfg) -> None:
     import torch
 
     from vocoder.audio import write_wav
+    from vocoder.devices import DTYPES, resolve_device, set_tf32, sync
     from vocoder.models import load_model
     from vocoder.synthesis import (
-        DTYPES,
         batches_by_length,
         list_inputs,
         pad_mels,
         read_input,
-        set_tf32,
         synthesize_long,
         synthesize_streamed,
     )
 
     if str(cfg.dtype) not in DTYPES:
         raise VocoderError(f"unknown dtype {cfg.dtype!r} (fp32, fp16, bf16)")
-    device = torch.device(str(cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VocoderError("device=cuda but no CUDA device is visible")
+    device = resolve_device(str(cfg.device))
     backend = str(cfg.backend)
     if backend not in ("torch", "onnxruntime"):
         raise VocoderError(f"unknown backend {backend!r} (torch, onnxruntime)")
@@ -122,20 +112,20 @@ def main(cfg) -> None:
     total_audio = total_time = 0.0
     for batch in batches_by_length(inputs, int(cfg.batch_size)):
         mel = pad_mels([b.mel for b in batch], features.silence_level()).to(device, dtype)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         first = None
         with torch.no_grad():
             if stream:
                 audio, first = synthesize_streamed(model, mel, cfg.sigma,
-                                                   int(cfg.chunk_frames), lambda: _sync(device))
+                                                   int(cfg.chunk_frames), lambda: sync(device))
             else:
                 audio = synthesize_long(model, mel, sigma=cfg.sigma,
                                         chunk_frames=int(cfg.chunk_frames),
                                         overlap_frames=int(cfg.overlap_frames)).float()
             if denoiser is not None:
                 audio = denoiser(audio, strength=float(cfg.denoise))
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - t0
         batch_seconds = sum(b.mel.shape[-1] * hop / sr for b in batch)
         total_audio += batch_seconds

@@ -174,7 +174,7 @@ class Student(Vocoder):
             return self._sample(mel, z, sigma)
 
     def _sample(self, mel: Tensor, z: Tensor | None, sigma: float) -> Tensor:
-        weight = self.flows[0].input.weight
+        weight = next(self.flows[0].parameters())
         mel = mel.to(weight)
         z = self.noise(mel, z) * sigma
         if torch.compiler.is_compiling():

@@ -18,15 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vocoder.losses import gaussian_log_prob
+from vocoder.losses import QUANTISATION_STEP, dequantise, gaussian_log_prob
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import TeacherStream
 from vocoder.nn.baking import bake_wavenet
 from vocoder.nn.incremental import IncrementalStack
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
 
-# Audio in [-1, 1] comes from 16-bit integers k / 32768: one quantisation step.
-QUANTISATION_STEP = 1.0 / 32768
 # Elements of per-layer conditioning computed ahead of the sampling loop at a time.
 _TERMS_BUDGET = 1 << 22
 # Captured CUDA-graph samplers, one per teacher (outside the module, so that copying or
@@ -155,7 +153,7 @@ class Teacher(Vocoder):
         16-bit integers, ``(nll + ln 32768) / ln 2``) and ``log_sigma_mean``. With ``nll_beta``
         the loss is the beta-weighted NLL (see the class docstring) and ``nll`` stays plain.
         """
-        x = audio + (torch.rand_like(audio) - 0.5) * QUANTISATION_STEP
+        x = dequantise(audio)
         mu, log_sigma = self(x, mel)
         log_p = gaussian_log_prob(x, mu, log_sigma)
         nll = float(-log_p.detach().mean())
@@ -188,7 +186,7 @@ class Teacher(Vocoder):
         CUDA graph and replays it for every chunk (see :class:`_SamplingChunks`); the graph
         is kept for further calls with the same batch, device, dtype and unchanged weights.
         """
-        mel = mel.to(self.wavenet.input.weight)
+        mel = mel.to(next(self.wavenet.parameters()))
         noise = self.noise(mel, z)
         batch, length = noise.shape
         cond = self._conditioning(mel, length)
@@ -283,7 +281,7 @@ class _SamplingChunks:
         periods = (-(-256 // period) if capture
                    else max(1, _TERMS_BUDGET // (per_step * period)))
         self.steps = period * periods
-        ref = wavenet.input.weight
+        ref = next(wavenet.parameters())
         self.terms = torch.zeros(self.steps, wavenet.n_layers, batch, wavenet.gate_channels,
                                  device=ref.device, dtype=ref.dtype)
         self.noise = torch.zeros(self.steps, batch, 1, device=ref.device, dtype=ref.dtype)

@@ -30,11 +30,9 @@ from torch import Tensor, nn
 
 from vocoder.flows.coupling import AffineCoupling
 from vocoder.flows.invconv import INVCONVS, make_invconv
+from vocoder.losses import QUANTISATION_STEP, dequantise
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import ChunkedStream
-
-# One step of 16-bit audio in [-1, 1): the width of the uniform dequantisation noise.
-QUANTISATION_STEP = 2.0 / 2**16
 
 
 class WaveGlow(Vocoder):
@@ -120,7 +118,7 @@ class WaveGlow(Vocoder):
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
         mel = mel.to(self._dtype)
-        if mel.is_cuda:
+        if mel.is_cuda or torch.compiler.is_compiling():
             up = self.upsample(mel)
         else:
             # oneDNN builds a new transposed-convolution kernel for every input length: 1.5-2.8
@@ -192,13 +190,13 @@ class WaveGlow(Vocoder):
 
     def training_loss(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Negative log-likelihood in nats per sample (``sigma = train_sigma``, 1.0 as
-        published) of the audio plus uniform noise one 16-bit step wide.
+        published) of the audio dequantised by :func:`~vocoder.losses.dequantise`.
 
         Metrics: ``nll`` (nats per sample; NVIDIA's printed loss leaves out the constant
         ``0.5 * ln(2 pi)`` = 0.919) and ``bits_per_sample``, the code length of the 16-bit
         samples that this bounds (``nll / ln 2 + 15``; 16 would be a uniform code).
         """
-        dequantised = audio + torch.rand_like(audio) * QUANTISATION_STEP
+        dequantised = dequantise(audio)
         nll = -(self.log_prob(dequantised, mel, self.train_sigma) / audio.shape[1]).mean()
         value = float(nll.detach())
         bits = (value - math.log(QUANTISATION_STEP)) / math.log(2)

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from vocoder.nn.weight_norm import conv_weight
+
 SQRT_HALF = math.sqrt(0.5)
 
 
@@ -177,7 +179,7 @@ def bake_wavenet(stack, device: torch.device | str | None = None,
     stream ``h = W_in x + b_in`` like every other layer. The weights are copied: bake again
     after they change.
     """
-    ref = stack.input.weight
+    ref = conv_weight(stack.input)
     device = ref.device if device is None else device
     dtype = ref.dtype if dtype is None else dtype
 
@@ -185,7 +187,7 @@ def bake_wavenet(stack, device: torch.device | str | None = None,
         return t.detach().to(device, dtype).contiguous()
 
     def weight_of(conv) -> Tensor:
-        return conv.weight.double()
+        return conv_weight(conv).double()
 
     n_layers = stack.n_layers
     input_weight = weight_of(stack.input)[:, :, 0] * input_scale  # [R, C_in]

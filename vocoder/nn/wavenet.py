@@ -16,19 +16,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrizations, parametrize
 
 from vocoder.nn.baking import SQRT_HALF
-
-
-def remove_weight_norm(module: nn.Module) -> None:
-    """Bake every weight-norm parametrisation below ``module`` into a plain weight (in place).
-
-    Outputs stay the same; afterwards no weight is recomputed per call. Idempotent.
-    """
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub, "weight"):
-            parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
+from vocoder.nn.weight_norm import (
+    WeightNormConv1d,
+    conv_weight,
+    migrate_parametrized_keys,
+    remove_weight_norm,
+)
 
 
 class CausalConv1d(nn.Module):
@@ -134,13 +129,19 @@ class WaveNetStack(nn.Module):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
         if weight_norm:
-            normed = [self.input, self.head[1]] + ([self.cond] if self.cond is not None else [])
+            normed = [(self, "input"), (self.head, "1")]
+            normed += [(self, "cond")] if self.cond is not None else []
             for block in self.blocks:
-                normed += [block.conv.conv, block.out]
+                normed += [(block.conv, "conv"), (block, "out")]
             if not zero_init_output:
-                normed.append(self.head[-1])
-            for module in normed:
-                parametrizations.weight_norm(module)
+                normed.append((self.head, "3"))
+            for parent, name in normed:
+                setattr(parent, name, WeightNormConv1d.from_conv(getattr(parent, name)))
+        self.register_load_state_dict_pre_hook(self._migrate_keys)
+
+    @staticmethod
+    def _migrate_keys(module, state_dict, prefix, *args) -> None:
+        migrate_parametrized_keys(state_dict, prefix)
 
     @property
     def receptive_field(self) -> int:
@@ -156,7 +157,7 @@ class WaveNetStack(nn.Module):
         h = self.input(x)
         # One layer's slice of the fused projection at a time: all layers' [B, G, T] at once
         # would be the largest activation of the stack.
-        cond_weights = (self.cond.weight.split(self.gate_channels) if cond is not None
+        cond_weights = (conv_weight(self.cond).split(self.gate_channels) if cond is not None
                         else [None] * self.n_layers)
         skips = None
         for block, weight in zip(self.blocks, cond_weights, strict=True):

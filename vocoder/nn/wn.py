@@ -14,7 +14,8 @@ form.
 * ``end``: 1x1 conv from the summed skips to ``2 * n_in``, zero-initialised so that a fresh
   coupling is the identity.
 
-Weight norm keeps the parameter names ``weight_g``/``weight_v`` (norm per output channel).
+Weight norm is :class:`~vocoder.nn.weight_norm.WeightNormConv1d` (parameter names
+``weight_g``/``weight_v``, norm per output channel).
 :meth:`WN.fuse_for_inference` rewrites it with the baking rewrites of
 :mod:`vocoder.nn.baking` (one-sigmoid gate, first layer through ``start``) plus ``end``
 folded into the skip 1x1s.
@@ -26,41 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from vocoder.nn.baking import double_filter_half, fold_input_affine, gate_
-
-
-class WeightNormConv1d(nn.Conv1d):
-    """``Conv1d`` whose weight is ``weight_g * weight_v / ||weight_v||`` (norm over each output
-    channel), stored under the parameter names of torch's classic ``weight_norm`` hook.
-
-    Written out rather than taken from ``torch.nn.utils.parametrizations``: deep copies (EMA
-    models) of parametrised modules share one dynamically created class, so removing weight
-    norm from one copy breaks the other.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        v = self.weight.detach().clone()
-        del self.weight
-        self.weight_v = nn.Parameter(v)
-        self.weight_g = nn.Parameter(torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True))
-
-    def effective_weight(self) -> Tensor:
-        norm = torch.linalg.vector_norm(self.weight_v, dim=(1, 2), keepdim=True)
-        return self.weight_v * (self.weight_g / norm)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
-
-    @torch.no_grad()
-    def without_weight_norm(self) -> nn.Conv1d:
-        """A plain ``Conv1d`` computing the same function."""
-        conv = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size,
-                         dilation=self.dilation, padding=self.padding,
-                         bias=self.bias is not None).to(self.weight_v)
-        conv.weight.copy_(self.effective_weight())
-        if self.bias is not None:
-            conv.bias.copy_(self.bias)
-        return conv
+from vocoder.nn.weight_norm import WeightNormConv1d, plain
 
 
 def _conv(n_in: int, n_out: int, kernel_size: int = 1, dilation: int = 1,
@@ -68,10 +35,6 @@ def _conv(n_in: int, n_out: int, kernel_size: int = 1, dilation: int = 1,
     cls = WeightNormConv1d if weight_norm else nn.Conv1d
     return cls(n_in, n_out, kernel_size, dilation=dilation,
                padding=dilation * (kernel_size - 1) // 2)
-
-
-def _plain(conv: nn.Conv1d) -> nn.Conv1d:
-    return conv.without_weight_norm() if isinstance(conv, WeightNormConv1d) else conv
 
 
 def gated_activation(in_act: Tensor, n_channels: int) -> Tensor:
@@ -231,9 +194,9 @@ class WN(nn.Module):
         """
         if self.fused:
             return
-        self.start, self.cond_layer = _plain(self.start), _plain(self.cond_layer)
-        self.in_layers = nn.ModuleList(map(_plain, self.in_layers))
-        self.res_skip_layers = nn.ModuleList(map(_plain, self.res_skip_layers))
+        self.start, self.cond_layer = plain(self.start), plain(self.cond_layer)
+        self.in_layers = nn.ModuleList(map(plain, self.in_layers))
+        self.res_skip_layers = nn.ModuleList(map(plain, self.res_skip_layers))
         width = 2 * self.n_channels
         cond_bias = self.cond_layer.bias.double().clone()
         for i, in_layer in enumerate(self.in_layers):

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vocoder.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from vocoder.data.corpus import PreparedCorpus
 from vocoder.data.dataset import SegmentDataset, SegmentSampler, validation_batches
 from vocoder.errors import VocoderError
 from vocoder.training import distributed as D
+from vocoder.training.checkpointing import resume_run, save_run
 from vocoder.training.logs import RunLog
 from vocoder.training.settings import TrainerSettings
-from vocoder.training.state import lr_factor, rng_state, seed_everything, set_rng_state
+from vocoder.training.state import lr_factor, seed_everything
 
 
 class TrainingLoss(nn.Module):
@@ -126,83 +126,11 @@ class Trainer:
         self.logs = RunLog(self.run_dir, self.dist.is_main, self.tcfg.tensorboard, log)
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self) -> dict:
-        from omegaconf import OmegaConf
-
-        return make_checkpoint(
-            self.model,
-            self.features,
-            ema=self.ema_model.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
-            step=self.step,
-            data_state={"batches_consumed": self.batches_consumed},
-            rng=rng_state(),
-            config=OmegaConf.to_container(self.cfg, resolve=True),
-            metrics=dict(self.last_val),
-            trainer_state={"nonfinite_total": self.nonfinite_total, "best_val": self.best_val},
-            extra=self.extra,
-        )
-
     def save(self, best: bool = False) -> None:
-        if not self.dist.is_main:
-            return
-        ckpt = self._checkpoint()
-        step_path = self.ckpt_dir / f"step_{self.step:08d}.pt"
-        save_checkpoint(ckpt, step_path)
-        save_checkpoint(ckpt, self.ckpt_dir / "last.pt")
-        if best:
-            save_checkpoint(ckpt, self.ckpt_dir / "best.pt")
-        old = sorted(self.ckpt_dir.glob("step_*.pt"))[: -max(int(self.tcfg.keep_last), 1)]
-        for p in old:
-            p.unlink(missing_ok=True)
+        save_run(self, best)
 
     def resume(self) -> bool:
-        path = self.ckpt_dir / "last.pt"
-        if not path.exists():
-            return False
-        ckpt = load_checkpoint(path, map_location=self.device, kind=self.model.kind)
-        if ckpt["features"] != dict(self.features):
-            raise VocoderError(
-                f"{path}: trained with mel preset {ckpt['features'].get('name')!r}, this run uses "
-                f"{self.features.get('name')!r}; use another run_dir"
-            )
-        if ckpt["arch"] != self.model.arch_config():
-            raise VocoderError(
-                f"{path}: model architecture differs from this run's config; use another run_dir"
-            )
-        self.model.load_state_dict(ckpt["model"])
-        self.ema_model.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self._apply_changed_settings(ckpt.get("config", {}).get("trainer", {}))
-        if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
-        self.batches_consumed = int(ckpt["data_state"]["batches_consumed"])
-        ts = ckpt.get("trainer_state", {})
-        self.nonfinite_total = int(ts.get("nonfinite_total", 0))
-        self.best_val = float(ts.get("best_val", math.inf))
-        self.last_val = dict(ckpt.get("metrics", {}))
-        # Every rank restores rank 0's RNG, then offsets its own the same way as at start.
-        set_rng_state(ckpt["rng"])
-        if self.dist.rank:
-            torch.manual_seed(int(torch.randint(0, 2**31, (1,)).item()) + self.dist.rank)
-        self.log(f"resumed from {path} at step {self.step}")
-        return True
-
-    def _apply_changed_settings(self, saved: dict) -> None:
-        """Say which trainer settings differ from the checkpoint's, one line each, and make
-        the optimiser follow the new ones (its saved state holds the old learning rate, betas
-        and weight decay; every other setting is read afresh anyway)."""
-        for line in self.tcfg.changes_from(saved):
-            self.log(f"resume: {line} (applied)")
-        factor = lr_factor(self.tcfg)(self.scheduler.last_epoch)
-        self.scheduler.base_lrs = [self.tcfg.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=self.tcfg.lr, lr=self.tcfg.lr * factor,
-                         betas=self.tcfg.betas, weight_decay=self.tcfg.weight_decay)
+        return resume_run(self)
 
     # ------------------------------------------------------------------ validation
     def _log_audio(self, batch) -> None:
