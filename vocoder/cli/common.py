@@ -21,6 +21,28 @@ def hydra_app(config_name: str):
     return decorate
 
 
+def key_value_args(argv: list[str], keys: set[str], required: tuple[str, ...],
+                   usage: str) -> dict[str, str] | None:
+    """``key=value`` arguments of a command without Hydra: a dict, or ``None`` after printing
+    ``usage`` for ``-h``/``--help``; an unknown key, an empty value or a missing required key
+    is one :class:`~vocoder.errors.VocoderError` line naming it."""
+    from vocoder.errors import VocoderError
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        return None
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in keys or not value:
+            raise VocoderError(f"unexpected argument {arg!r}; {usage}")
+        args[key] = value
+    missing = [k for k in required if k not in args]
+    if missing:
+        raise VocoderError(f"missing {' and '.join(missing)}=...; {usage}")
+    return args
+
+
 def front_end(cfg):
     from vocoder.features import MelFrontEnd
 

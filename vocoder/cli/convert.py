@@ -9,32 +9,19 @@ from __future__ import annotations
 
 import sys
 
-from vocoder.errors import VocoderError, report_errors
+from vocoder.cli.common import key_value_args
+from vocoder.errors import report_errors
 
 USAGE = "usage: vocoder-convert-waveglow input=FILE output=CKPT [preset=tacotron2]"
 _KEYS = {"input", "output", "preset"}
 
 
-def parse_args(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in _KEYS or not value:
-            raise VocoderError(f"unexpected argument {arg!r}; {USAGE}")
-        args[key] = value
-    missing = [k for k in ("input", "output") if k not in args]
-    if missing:
-        raise VocoderError(f"missing {' and '.join(missing)}=...; {USAGE}")
-    return args
-
-
 @report_errors
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    args = key_value_args(sys.argv[1:] if argv is None else argv, _KEYS, ("input", "output"),
+                          USAGE)
+    if args is None:
         return
-    args = parse_args(argv)
     from vocoder.waveglow_import import convert_waveglow
 
     model = convert_waveglow(args["input"], args["output"], args.get("preset", "tacotron2"))

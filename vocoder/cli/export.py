@@ -11,22 +11,17 @@ from __future__ import annotations
 import sys
 import time
 
+from vocoder.cli.common import key_value_args
 from vocoder.errors import VocoderError, report_errors
 
 USAGE = "usage: vocoder-export checkpoint=CKPT output=FILE.onnx [sigma=S] [opset=N] [check=true]"
 _KEYS = {"checkpoint", "output", "sigma", "opset", "check"}
 
 
-def parse_args(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in _KEYS or not value:
-            raise VocoderError(f"unexpected argument {arg!r}; {USAGE}")
-        args[key] = value
-    missing = [k for k in ("checkpoint", "output") if k not in args]
-    if missing:
-        raise VocoderError(f"missing {' and '.join(missing)}=...; {USAGE}")
+def parse_args(argv: list[str]) -> dict[str, str] | None:
+    args = key_value_args(argv, _KEYS, ("checkpoint", "output"), USAGE)
+    if args is None:
+        return None
     for key, kind in (("sigma", float), ("opset", int)):
         if key in args:
             try:
@@ -40,11 +35,9 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 @report_errors
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
         return
-    args = parse_args(argv)
     import torch
 
     from vocoder.export import DEFAULT_OPSET, OnnxVocoder, export_onnx
