@@ -45,7 +45,7 @@ def _require(module: str, purpose: str):
         return __import__(module)
     except ImportError as e:
         raise VocoderError(f"{purpose} needs the '{module}' package "
-                           f"(pip install 'vocoder[onnx]'): {e}") from None
+                           f"(pip install 'flow-vocoder[onnx]'): {e}") from None
 
 
 class _SynthesisGraph(nn.Module):

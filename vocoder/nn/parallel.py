@@ -51,9 +51,10 @@ class ParallelStack:
         """The streaming state at the start of a signal (all history zero)."""
         ref = self.baked.input_weight
         shifts = [max(shift for shift, _ in layer.taps) for layer in self.baked.layers]
+        # The first layer reads `source`: its entry in `layers` holds nothing.
         return StackState(ref.new_zeros(batch, 1), ref.new_zeros(batch, shifts[0], 2),
-                          [ref.new_zeros(batch, p, self.baked.residual_channels)
-                           for p in shifts])
+                          [ref.new_zeros(batch, 0 if i == 0 else p, self.baked.residual_channels)
+                           for i, p in enumerate(shifts)])
 
     def __call__(self, h: Tensor, work: ParallelWork, state: StackState | None = None
                  ) -> Tensor:
@@ -135,7 +136,7 @@ class StackState:
     previous piece's last input sample, ``source [B, P_0, 2]`` the first layer's last rows
     ``(x, 1)`` of shifted input (``(0, 0)`` before the signal: the zero padding of the first
     layer's input), and ``layers[i] [B, P_i, R]`` the last ``P_i`` inputs of layer ``i``
-    (its longest tap; ``layers[0]`` unused: the first layer reads ``source``)."""
+    (its longest tap; ``layers[0]`` is empty: the first layer reads ``source``)."""
 
     last: Tensor
     source: Tensor
