@@ -142,8 +142,11 @@ def test_stream_draws_noise_when_none_is_given_and_checks_its_input():
     assert empty.numel() == 0
 
 
-def test_waveglow_chunked_stream_is_close_and_exact_with_a_whole_utterance_of_context():
-    model = _trained_like("waveglow", n_flows=2, n_early_every=1, n_layers=2, n_channels=8)
+@pytest.mark.parametrize("excitation", [None, True])
+def test_waveglow_chunked_stream_is_close_and_exact_with_a_whole_utterance_of_context(excitation):
+    # With excitation, each window continues the source's phase from the frames before it.
+    model = _trained_like("waveglow", n_flows=2, n_early_every=1, n_layers=2, n_channels=8,
+                          excitation=excitation)
     mel = _speech_mel(model, 13)
     z = torch.randn(2, 13 * HOP)
     whole = model.synthesize(mel, z=z)

@@ -56,13 +56,19 @@ class DistillationPass(NamedTuple):
 def distillation_pass(student: nn.Module, teacher: nn.Module, mel: Tensor,
                       z: Tensor | None = None) -> DistillationPass:
     """Draw ``z ~ N(0, 1)`` ``[B, F * hop]`` (unless given), run the student on it and score
-    its sample with the teacher. The teacher's outputs are returned in the dtype of ``x``, so
-    under autocast the KL is still computed in float32."""
+    its sample with the teacher (given the student's excitation source, when both have one).
+    The teacher's outputs are returned in the dtype of ``x``, so under autocast the KL is
+    still computed in float32."""
     if z is None:
         z = torch.randn(mel.shape[0], mel.shape[-1] * student.hop_length, device=mel.device,
                         dtype=mel.dtype)
-    x, mu_s, log_sigma_s = student(z, mel)
-    mu_t, log_sigma_t = teacher(x, mel)
+    # One excitation source for both (the student's; see vocoder.nn.excitation).
+    source = student.source(mel) if getattr(student, "excitation", None) is not None else None
+    x, mu_s, log_sigma_s = student(z, mel) if source is None else student(z, mel, source)
+    if getattr(teacher, "excitation", None) is not None and source is not None:
+        mu_t, log_sigma_t = teacher(x, mel, source)
+    else:
+        mu_t, log_sigma_t = teacher(x, mel)
     return DistillationPass(z, x, mu_s, log_sigma_s, mu_t.to(x.dtype), log_sigma_t.to(x.dtype))
 
 

@@ -110,7 +110,7 @@ def main(cfg) -> None:
             model = load_model(cfg[name], device="cpu")
         else:
             model = model_from_arch(name, features.n_mels, features.hop_length,
-                                    dict(cfg.arch[name]))
+                                    dict(cfg.arch[name]), features.sample_rate)
             model.features = features
             model.eval().prepare_for_inference()
         sr = model.features.sample_rate

@@ -59,7 +59,14 @@ def main(cfg) -> None:
     corpus = prepare_data(cfg, features, int(cfg.trainer.segment_frames) * features.hop_length)
     seed_everything(int(cfg.seed))
     arch = OmegaConf.to_container(cfg.arch.student, resolve=True)
-    student = model_from_arch("student", features.n_mels, features.hop_length, arch)
+    inherit = teacher.excitation is not None and arch.get("excitation") is None
+    if inherit:  # the teacher's pitch predictor, so that both read the same source
+        arch["excitation"] = teacher.excitation.config()
+    student = model_from_arch("student", features.n_mels, features.hop_length, arch,
+                              features.sample_rate)
+    if inherit:
+        student.excitation.load_state_dict(teacher.excitation.state_dict())
+        student.excitation.requires_grad_(False)
     make_objective = make_distill_objective(teacher, cfg.distill, features)
     objective = make_objective(student)
     _check_segments(cfg, objective, features.hop_length)

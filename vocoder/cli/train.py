@@ -29,7 +29,8 @@ def main(cfg) -> None:
     min_samples = int(cfg.trainer.segment_frames) * features.hop_length
     corpus = prepare_data(cfg, features, min_samples)
     seed_everything(int(cfg.seed))
-    model = model_from_arch(kind, features.n_mels, features.hop_length, dict(cfg.arch[kind]))
+    model = model_from_arch(kind, features.n_mels, features.hop_length, dict(cfg.arch[kind]),
+                            features.sample_rate)
     trainer = Trainer(cfg, model, corpus, features.config.to_dict())
     n_params = sum(p.numel() for p in model.parameters())
     if trainer.dist.is_main:

@@ -24,10 +24,18 @@ def model_class(kind: str) -> type[Vocoder]:
     return getattr(importlib.import_module(module), name)
 
 
-def model_from_arch(kind: str, n_mels: int, hop_length: int, arch: dict | None = None) -> Vocoder:
+def model_from_arch(kind: str, n_mels: int, hop_length: int, arch: dict | None = None,
+                    sample_rate: int | None = None) -> Vocoder:
     """A fresh model of ``kind`` for mels of ``n_mels`` bands and ``hop_length``, with the
-    architecture keywords ``arch`` (``features`` is left ``None``: see :func:`build_model`)."""
-    return model_class(kind)(n_mels=n_mels, hop_length=hop_length, **dict(arch or {}))
+    architecture keywords ``arch`` (``features`` is left ``None``: see :func:`build_model`).
+    ``sample_rate`` (of the mel front end) completes an ``excitation`` keyword that lacks it
+    (see :mod:`vocoder.nn.excitation`)."""
+    arch = dict(arch or {})
+    excitation = arch.get("excitation")
+    if excitation not in (None, False) and sample_rate is not None:
+        excitation = {} if excitation is True else dict(excitation)
+        arch["excitation"] = {"sample_rate": int(sample_rate), **excitation}
+    return model_class(kind)(n_mels=n_mels, hop_length=hop_length, **arch)
 
 
 def build_model(kind: str, preset: str = "tacotron2", experiment: str = "debug",
@@ -41,7 +49,8 @@ def build_model(kind: str, preset: str = "tacotron2", experiment: str = "debug",
     model_class(kind)  # unknown kinds fail here, before any file is read
     features = MelFrontEnd.from_preset(preset)
     arch = {**experiment_arch(experiment, kind), **arch_overrides}
-    model = model_from_arch(kind, features.n_mels, features.hop_length, arch)
+    model = model_from_arch(kind, features.n_mels, features.hop_length, arch,
+                            features.sample_rate)
     model.features = features
     return model
 

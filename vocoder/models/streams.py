@@ -94,27 +94,41 @@ class SynthesisStream:
 
 
 class _CausalStream(SynthesisStream):
-    """A model causal in its noise: conditioning from :class:`ConditioningStream`, then
+    """A model causal in its noise: conditioning from :class:`ConditioningStream` (and the
+    excitation source, for a model with one, continued from piece to piece), then
     :meth:`_generate` on the samples it covers."""
 
     def __init__(self, model, sigma: float):
         super().__init__(model, sigma)
-        self.conditioning = ConditioningStream(model.upsampler)
+        excitation = getattr(model, "excitation", None)
+        self.conditioning = ConditioningStream(
+            model.upsampler, 0 if excitation is None else excitation.stream_lookahead_frames)
         self.lookahead_frames = self.conditioning.lookahead_frames
+        self._phase = None
 
     def _advance(self, mel: Tensor) -> Tensor:
-        return self._run(self.conditioning.push(mel))
+        return self._run(self.conditioning.push_frames(mel))
 
     def _finish(self) -> Tensor:
-        return self._run(self.conditioning.flush())
+        return self._run(self.conditioning.flush_frames())
 
-    def _run(self, cond: Tensor) -> Tensor:
-        n = cond.shape[-1]
-        if n == 0:
-            return cond.new_zeros(self.batch, 0)
-        return self._generate(self._take_noise(n), cond)
+    def _source(self, taken: tuple[Tensor, int, int]) -> Tensor | None:
+        """The excitation source ``[B, 3, n]`` of the frames taken (``None`` without one)."""
+        excitation = getattr(self.model, "excitation", None)
+        if excitation is None:
+            return None
+        window, a, b = taken
+        source, self._phase = excitation.from_mel_frames(window, a, b, self._phase)
+        return source
 
-    def _generate(self, z: Tensor, cond: Tensor) -> Tensor:
+    def _run(self, taken: tuple[Tensor, int, int]) -> Tensor:
+        window, a, b = taken
+        if a == b:
+            return window.new_zeros(self.batch, 0)
+        cond = self.conditioning.conditioning(taken)
+        return self._generate(self._take_noise(cond.shape[-1]), cond, self._source(taken))
+
+    def _generate(self, z: Tensor, cond: Tensor, source: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 
@@ -125,13 +139,7 @@ class StudentStream(_CausalStream):
     (:class:`~vocoder.nn.parallel.StackState`). The conditioning is the polyphase form of
     the frames that just became final, read from a window of frames around them."""
 
-    def _advance(self, mel: Tensor) -> Tensor:
-        return self._run_frames(self.conditioning.push_frames(mel))
-
-    def _finish(self) -> Tensor:
-        return self._run_frames(self.conditioning.flush_frames())
-
-    def _run_frames(self, taken: tuple[Tensor, int, int]) -> Tensor:
+    def _run(self, taken: tuple[Tensor, int, int]) -> Tensor:
         window, a, b = taken
         if a == b:
             return window.new_zeros(self.batch, 0)
@@ -140,7 +148,8 @@ class StudentStream(_CausalStream):
         flows = model._parallel_flows(z.device, z.dtype)
         if not hasattr(self, "_states"):
             self._states = [flow.initial_state(self.batch) for flow in flows]
-        work = ParallelWork(model.upsampler, flows, window, emit=(a, b))
+        work = ParallelWork(model.upsampler, flows, window, emit=(a, b),
+                            source=self._source(taken))
         mu_tot = torch.zeros_like(z)
         log_sigma_tot = torch.zeros_like(z)
         h = z
@@ -153,16 +162,19 @@ class StudentStream(_CausalStream):
 class TeacherStream(_CausalStream):
     """The autoregressive teacher's cached sampler, continued across pushes."""
 
-    def _generate(self, z: Tensor, cond: Tensor) -> Tensor:
+    def _generate(self, z: Tensor, cond: Tensor, source: Tensor | None) -> Tensor:
         if not hasattr(self, "_chunks"):
             self._chunks = self.model._sampling_chunks(self.batch, cuda_graph=False)
             self._chunks.start()
         chunks = self._chunks
         noise = z.t().contiguous().unsqueeze(-1)  # time-major [n, B, 1]
         x = torch.empty_like(noise)
+        if source is not None:
+            source = source.permute(2, 0, 1).contiguous()  # time-major [n, B, 3]
         for begin in range(0, noise.shape[0], chunks.steps):
             end = min(begin + chunks.steps, noise.shape[0])
-            chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end])
+            chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end],
+                       None if source is None else source[begin:end])
         return x.squeeze(-1).t().contiguous()
 
 
@@ -181,6 +193,15 @@ class ChunkedStream(SynthesisStream):
         self.context_frames = self.lookahead_frames = int(context_frames)
         self._mel: Tensor | None = None  # frames from `_offset` on
         self._z: Tensor | None = None
+        # With excitation: the source of the frames that are final (its phase runs on from
+        # the start of the utterance), kept from `_offset` on like the mel; each window reads
+        # it and continues it provisionally over the frames not yet final.
+        self._excitation = getattr(model, "excitation", None)
+        if self._excitation is not None:
+            self._frames = ConditioningStream(None, self._excitation.stream_lookahead_frames)
+            self._source: Tensor | None = None  # frames `_source_start` .. final
+            self._source_start = 0
+            self._phase = None
         self._offset = 0
         self._received = 0
         self._emitted = 0
@@ -190,10 +211,37 @@ class ChunkedStream(SynthesisStream):
         self._z = self._take_noise(self._queued) if self._z is None else torch.cat(
             [self._z, self._take_noise(self._queued)], dim=-1)
         self._received += mel.shape[-1]
+        if self._excitation is not None:
+            self._extend_source(self._frames.push_frames(mel))
         return self._emit(self._received - self.context_frames)
 
     def _finish(self) -> Tensor:
+        if self._excitation is not None:
+            self._extend_source(self._frames.flush_frames())
         return self._emit(self._received)
+
+    def _extend_source(self, taken: tuple[Tensor, int, int]) -> None:
+        window, a, b = taken
+        if a == b:
+            return
+        piece, self._phase = self._excitation.from_mel_frames(window, a, b, self._phase)
+        self._source = piece if self._source is None else torch.cat([self._source, piece], -1)
+
+    def _window_source(self, first: int, last: int) -> Tensor:
+        """The source of frames ``first .. last - 1``: the final one, continued over the
+        frames not yet final from the mel received so far."""
+        hop, final = self.model.hop_length, self._frames.emitted
+        parts = []
+        if first < final:
+            parts.append(self._source[..., (first - self._source_start) * hop:
+                                      (min(last, final) - self._source_start) * hop])
+        if last > final:
+            context = max(self._offset, final - self._excitation.stream_lookahead_frames - 1)
+            mel = self._mel[..., context - self._offset:last - self._offset]
+            guess = self._excitation.from_mel_frames(mel, final - context, last - context,
+                                                     self._phase)[0]
+            parts.append(guess[..., max(0, first - final) * hop:])
+        return torch.cat(parts, -1)
 
     def _emit(self, end: int) -> Tensor:
         assert self._mel is not None and self._z is not None
@@ -205,10 +253,22 @@ class ChunkedStream(SynthesisStream):
         mel = self._mel[..., first - self._offset:last - self._offset]
         z = self._z[:, (first - self._offset) * hop:(last - self._offset) * hop]
         # The noise was scaled on arrival: synthesise at temperature 1.
-        audio = self.model.synthesize(mel, sigma=1.0, z=z)
+        if self._excitation is None:
+            audio = self.model.synthesize(mel, sigma=1.0, z=z)
+        else:
+            audio = self.model.synthesize(mel, sigma=1.0, z=z,
+                                          source=self._window_source(first, last))
         out = audio[:, (start - first) * hop:(end - first) * hop]
         self._emitted = end
         keep = max(0, end - self.context_frames)
+        if self._excitation is not None:
+            # The frames before the final source's end that its continuation reads.
+            final = self._frames.emitted
+            keep = min(keep, max(0, final - self._excitation.stream_lookahead_frames - 1))
+            drop = min(keep, final) - self._source_start
+            if drop > 0:
+                self._source = self._source[..., drop * hop:]
+                self._source_start += drop
         self._mel = self._mel[..., keep - self._offset:]
         self._z = self._z[:, (keep - self._offset) * hop:]
         self._offset = keep

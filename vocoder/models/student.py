@@ -30,6 +30,7 @@ from vocoder.losses import standard_normal_log_prob
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import StudentStream
 from vocoder.nn.baking import bake_wavenet
+from vocoder.nn.excitation import SOURCE_CHANNELS, make_excitation
 from vocoder.nn.parallel import ParallelStack, ParallelWork
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
 
@@ -56,7 +57,12 @@ class Student(Vocoder):
       their output biases (the last 1x1 of each flow starts at zero, so every flow starts as
       ``z -> z * exp(log_sigma_init / K)``: the identity for 0.0, and the student as
       ``x = audio_scale * z``);
-    * ``weight_norm``: weight-normalise the WaveNets while training (removed for inference).
+    * ``weight_norm``: weight-normalise the WaveNets while training (removed for inference);
+    * ``excitation``: ``None``, or the keywords of an :class:`~vocoder.nn.excitation.Excitation`:
+      every flow then also reads the source ``s_<=t [3]`` that the mel implies (the phase of
+      the fundamental and the voicing), so the flows can put pulses on a given phase instead
+      of building a pulse train from noise. Distillation gives the student its teacher's
+      excitation (pitch predictor included), so both see the same source.
     """
 
     kind = "student"
@@ -67,7 +73,8 @@ class Student(Vocoder):
                  kernel_size: int = 3, cond_channels: int = 80,
                  upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
                  audio_scale: float = 0.1, log_sigma_min: float = -7.0,
-                 log_sigma_init: float = 0.0, weight_norm: bool = False):
+                 log_sigma_init: float = 0.0, weight_norm: bool = False,
+                 excitation: dict | None = None):
         super().__init__(n_mels, hop_length)
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
@@ -76,9 +83,11 @@ class Student(Vocoder):
             raise ValueError(f"flow_layers must list positive depths, got {flow_layers}")
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
+        self.excitation = make_excitation(excitation, n_mels, hop_length)
+        n_source = SOURCE_CHANNELS if self.excitation else 0
         self.flows = nn.ModuleList(
             WaveNetStack(
-                in_channels=1, out_channels=2, n_layers=n, cycle_length=cycle_length,
+                in_channels=1 + n_source, out_channels=2, n_layers=n, cycle_length=cycle_length,
                 residual_channels=residual_channels, gate_channels=gate_channels,
                 skip_channels=skip_channels, kernel_size=kernel_size,
                 cond_channels=cond_channels, weight_norm=weight_norm, zero_init_output=True,
@@ -98,6 +107,7 @@ class Student(Vocoder):
             audio_scale=self.audio_scale, log_sigma_min=self.log_sigma_min,
             log_sigma_init=float(log_sigma_init),
             weight_norm=weight_norm,
+            excitation=self.excitation.config() if self.excitation else None,
         )
         self._baked: tuple[tuple, list[ParallelStack]] | None = None
 
@@ -131,21 +141,36 @@ class Student(Vocoder):
         log_sigma_tot = log_sigma_tot + log_sigma
         return torch.addcmul(mu_tot, torch.exp(log_sigma_tot), z), mu_tot, log_sigma_tot
 
-    def forward(self, z: Tensor, mel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def source(self, mel: Tensor) -> Tensor | None:
+        """The excitation source ``[B, 3, F * hop]`` the mel implies (no gradient), or
+        ``None`` for a student without excitation."""
+        if self.excitation is None:
+            return None
+        with torch.no_grad():
+            return self.excitation.from_mel(mel)
+
+    def forward(self, z: Tensor, mel: Tensor,
+                source: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``z [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(x, mu_tot, log_sigma_tot)``, each
         ``[B, T]``, with ``x = mu_tot + exp(log_sigma_tot) * z``.
 
-        ``mu_tot[:, t]`` and ``log_sigma_tot[:, t]`` depend only on ``z[:, :t]`` and the mel.
+        ``mu_tot[:, t]`` and ``log_sigma_tot[:, t]`` depend only on ``z[:, :t]`` and the mel
+        (with excitation, also on ``source [B, 3, T]``, by default :meth:`source` of the mel).
         Each flow's output is kept in ``z``'s dtype, so under autocast the WaveNets run in low
         precision while the composition of the flows stays in float32.
         """
         z, mel = self._in_model_dtype(z, mel)
         cond = self._conditioning(mel, z.shape[-1])
+        if self.excitation is not None:
+            source = (self.source(mel) if source is None else source).to(z.dtype)
         mu_tot = torch.zeros_like(z)
         log_sigma_tot = torch.zeros_like(z)
         h = z
         for flow in self.flows:
-            out = flow(F.pad(h, (1, -1)).unsqueeze(1), cond).to(z.dtype)
+            inputs = F.pad(h, (1, -1)).unsqueeze(1)
+            if self.excitation is not None:
+                inputs = torch.cat([inputs, source], dim=1)
+            out = flow(inputs, cond).to(z.dtype)
             h, mu_tot, log_sigma_tot = self._flow_step(mu_tot, log_sigma_tot, z,
                                                        out.unbind(1))
         scale = self.audio_scale
@@ -184,7 +209,7 @@ class Student(Vocoder):
             # graph for the compiler to fuse.
             return self(z, mel)[0]
         flows = self._parallel_flows(weight.device, weight.dtype)
-        work = ParallelWork(self.upsampler, flows, mel)
+        work = ParallelWork(self.upsampler, flows, mel, source=self.source(mel))
         mu_tot = torch.zeros_like(z)
         log_sigma_tot = torch.zeros_like(z)
         h = z
@@ -193,12 +218,13 @@ class Student(Vocoder):
                                                        flow(h, work).unbind(-1))
         return h.mul_(self.audio_scale)
 
-    def log_prob_of_sample(self, z: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
+    def log_prob_of_sample(self, z: Tensor, mel: Tensor,
+                           source: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The sample ``x [B, T]`` that noise ``z [B, T]`` maps to, and its exact log-density
         under the student (``z ~ N(0, 1)``) in nats per utterance ``[B]``:
         ``sum_t log N(z_t; 0, 1) - log_sigma_tot_t`` (the Jacobian ``dx/dz`` is triangular with
         diagonal ``exp(log_sigma_tot)``)."""
-        x, _, log_sigma_tot = self(z, mel)
+        x, _, log_sigma_tot = self(z, mel, source)
         log_q = (standard_normal_log_prob(z) - log_sigma_tot).sum(-1)
         return x, log_q
 

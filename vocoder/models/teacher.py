@@ -22,6 +22,7 @@ from vocoder.losses import QUANTISATION_STEP, dequantise, gaussian_log_prob
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import TeacherStream
 from vocoder.nn.baking import bake_wavenet
+from vocoder.nn.excitation import SOURCE_CHANNELS, make_excitation
 from vocoder.nn.incremental import IncrementalStack
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
 
@@ -65,6 +66,12 @@ class Teacher(Vocoder):
       i.e. ``mu_t = alpha x_(t-1) + audio_scale * m_t`` (a one-tap linear-prediction shortcut
       into the mean), and sampling inverts it exactly (``x_t = e_t + alpha x_(t-1)``). It
       flattens the spectral tilt the network would otherwise have to model. 0 disables.
+    * ``excitation``: ``None``, or the keywords of an :class:`~vocoder.nn.excitation.Excitation`
+      (``sample_rate``, ``fmin``, ``fmax``, ...): the WaveNet then reads, beside ``x_<t``, the
+      source ``s_<=t [3]`` (the fundamental's phase as sine and cosine, and the voicing),
+      taken from the audio in training and from the mel at synthesis, so that the mean can
+      place each glottal pulse on the phase instead of inventing it. The source is
+      conditioning: it never depends on ``x``, and the model stays an exact MAF.
     """
 
     kind = "teacher"
@@ -75,7 +82,7 @@ class Teacher(Vocoder):
                  upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
                  audio_scale: float = 0.1, log_sigma_min: float = -7.0,
                  weight_norm: bool = False, nll_beta: float = 0.0,
-                 preemphasis: float = 0.0):
+                 preemphasis: float = 0.0, excitation: dict | None = None):
         super().__init__(n_mels, hop_length)
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
@@ -87,8 +94,10 @@ class Teacher(Vocoder):
         self.preemphasis = float(preemphasis)
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
+        self.excitation = make_excitation(excitation, n_mels, hop_length)
         self.wavenet = WaveNetStack(
-            in_channels=1, out_channels=2, n_layers=n_layers, cycle_length=cycle_length,
+            in_channels=1 + (SOURCE_CHANNELS if self.excitation else 0), out_channels=2,
+            n_layers=n_layers, cycle_length=cycle_length,
             residual_channels=residual_channels, gate_channels=gate_channels,
             skip_channels=skip_channels, kernel_size=kernel_size, cond_channels=cond_channels,
             weight_norm=weight_norm,
@@ -102,6 +111,7 @@ class Teacher(Vocoder):
             frame_context=frame_context, audio_scale=self.audio_scale,
             log_sigma_min=self.log_sigma_min, weight_norm=weight_norm,
             nll_beta=self.nll_beta, preemphasis=self.preemphasis,
+            excitation=self.excitation.config() if self.excitation else None,
         )
 
     def arch_config(self) -> dict:
@@ -116,11 +126,21 @@ class Teacher(Vocoder):
         self.check_mel_shape(mel, length)
         return self.upsampler(mel)
 
-    def forward(self, x: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
+    def source(self, mel: Tensor) -> Tensor | None:
+        """The excitation source ``[B, 3, F * hop]`` the mel implies (no gradient), or
+        ``None`` for a teacher without excitation."""
+        if self.excitation is None:
+            return None
+        with torch.no_grad():
+            return self.excitation.from_mel(mel)
+
+    def forward(self, x: Tensor, mel: Tensor,
+                source: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(mu, log_sigma)``, each ``[B, T]``.
 
         Position ``t`` sees ``x[:, :t]`` (the network reads ``x`` shifted right by one, zero
-        first) and the mel. ``log_sigma`` is clamped at ``log_sigma_min`` with
+        first) and the mel; with excitation also ``source [B, 3, T]`` up to ``t``
+        (default: :meth:`source` of the mel). ``log_sigma`` is clamped at ``log_sigma_min`` with
         ``torch.clamp``: below the floor its gradient is zero, so the floor cannot be pushed
         through while the mean keeps learning.
         """
@@ -129,6 +149,9 @@ class Teacher(Vocoder):
         previous = F.pad(x, (1, -1))  # x_(t-1), zero first
         e = x - self.preemphasis * previous if self.preemphasis else x
         shifted = F.pad(e, (1, -1)).unsqueeze(1) * (1.0 / self.audio_scale)
+        if self.excitation is not None:
+            source = self.source(mel) if source is None else source
+            shifted = torch.cat([shifted, source.to(shifted)], dim=1)
         out = self.wavenet(shifted, cond)
         mu = out[:, 0] * self.audio_scale
         if self.preemphasis:
@@ -136,11 +159,12 @@ class Teacher(Vocoder):
         log_sigma = torch.clamp(out[:, 1] + math.log(self.audio_scale), min=self.log_sigma_min)
         return mu, log_sigma
 
-    def log_prob(self, x: Tensor, mel: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, mel: Tensor, source: Tensor | None = None) -> Tensor:
         """``log p(x | mel)`` in nats per utterance ``[B]``: the sum over time of
-        ``log N(z_t) - log_sigma_t`` with ``z = (x - mu) / sigma``."""
+        ``log N(z_t) - log_sigma_t`` with ``z = (x - mu) / sigma`` (with excitation, given the
+        ``source``: by default the mel's)."""
         x, mel = self._in_model_dtype(x, mel)
-        mu, log_sigma = self(x, mel)
+        mu, log_sigma = self(x, mel, source)
         return gaussian_log_prob(x, mu, log_sigma).sum(-1)
 
     def training_loss(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -152,9 +176,14 @@ class Teacher(Vocoder):
         [-1, 1], so it can be negative), ``bits_per_sample`` (the implied code length of the
         16-bit integers, ``(nll + ln 32768) / ln 2``) and ``log_sigma_mean``. With ``nll_beta``
         the loss is the beta-weighted NLL (see the class docstring) and ``nll`` stays plain.
+        With excitation the source is the audio's own (:meth:`~vocoder.nn.excitation.
+        Excitation.analyse`) and the pitch predictor's loss is added (metrics ``pitch_*``).
         """
         x = dequantise(audio)
-        mu, log_sigma = self(x, mel)
+        source, pitch_loss = None, None
+        if self.excitation is not None:
+            source, pitch_loss = self.excitation.analyse(audio, mel)
+        mu, log_sigma = self(x, mel, source)
         log_p = gaussian_log_prob(x, mu, log_sigma)
         nll = float(-log_p.detach().mean())
         if self.nll_beta:
@@ -167,6 +196,9 @@ class Teacher(Vocoder):
             "bits_per_sample": (nll - math.log(QUANTISATION_STEP)) / math.log(2),
             "log_sigma_mean": float(log_sigma.detach().mean()),
         }
+        if pitch_loss is not None:
+            loss = loss + pitch_loss
+            metrics.update(self.excitation.last_metrics)
         return loss, metrics
 
     @torch.no_grad()
@@ -190,6 +222,9 @@ class Teacher(Vocoder):
         noise = self.noise(mel, z)
         batch, length = noise.shape
         cond = self._conditioning(mel, length)
+        source = self.source(mel)
+        if source is not None:
+            source = source.permute(2, 0, 1).contiguous()  # time-major [T, B, 3]
         if cuda_graph is None:
             cuda_graph = mel.is_cuda
         if cuda_graph and not mel.is_cuda:
@@ -201,7 +236,8 @@ class Teacher(Vocoder):
         chunks.start()
         for begin in range(0, length, chunks.steps):
             end = min(begin + chunks.steps, length)
-            chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end])
+            chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end],
+                       None if source is None else source[begin:end])
         return x.squeeze(-1).t().contiguous()
 
     def _sampling_chunks(self, batch: int, cuda_graph: bool) -> _SamplingChunks:
@@ -289,6 +325,10 @@ class _SamplingChunks:
         self.preemphasis = teacher.preemphasis
         # The network's input: x itself, or its pre-emphasised e (then x_t = e_t + a x_(t-1)).
         self.e = torch.zeros_like(self.noise) if self.preemphasis else self.x
+        # With excitation, step t reads (e_(t-1), source_t) from row t of `inputs`.
+        n_source = wavenet.in_channels - 1
+        self.inputs = (torch.zeros(self.steps, batch, 1 + n_source, device=ref.device,
+                                   dtype=ref.dtype) if n_source else None)
         self.previous = torch.zeros_like(self.noise[0])
         self.previous_x = torch.zeros_like(self.previous)
         self.scale = torch.zeros_like(self.previous)
@@ -300,7 +340,8 @@ class _SamplingChunks:
     def _stepper(teacher: Teacher, batch: int) -> IncrementalStack:
         # The audio-unit scaling of forward() baked into the input and output matrices.
         scale = teacher.audio_scale
-        baked = bake_wavenet(teacher.wavenet, input_scale=1.0 / scale,
+        n_source = teacher.wavenet.in_channels - 1  # source channels are read unscaled
+        baked = bake_wavenet(teacher.wavenet, input_scale=[1.0 / scale] + [1.0] * n_source,
                              output_scale=(scale, 1.0), output_shift=(0.0, math.log(scale)),
                              fold_first_layer=False)
         return IncrementalStack(baked, batch)
@@ -309,9 +350,15 @@ class _SamplingChunks:
         stepper, log_sigma_min, scale = self.stepper, self.log_sigma_min, self.scale
         mu, log_sigma = stepper.output[:, 0:1], stepper.output[:, 1:2]
         previous, previous_x, alpha = self.previous, self.previous_x, self.preemphasis
-        for terms_t, noise_t, e_t, x_t in zip(self.terms[:n], self.noise[:n], self.e[:n],
-                                              self.x[:n], strict=True):
-            stepper.step(previous, terms_t)
+        inputs = [None] * n if self.inputs is None else self.inputs[:n]
+        for terms_t, noise_t, e_t, x_t, input_t in zip(self.terms[:n], self.noise[:n],
+                                                       self.e[:n], self.x[:n], inputs,
+                                                       strict=True):
+            if input_t is None:
+                stepper.step(previous, terms_t)
+            else:
+                input_t[:, :1].copy_(previous)
+                stepper.step(input_t, terms_t)
             torch.clamp(log_sigma, min=log_sigma_min, out=scale)
             scale.exp_()
             torch.addcmul(mu, scale, noise_t, out=e_t)
@@ -342,10 +389,15 @@ class _SamplingChunks:
         self.previous.zero_()
         self.previous_x.zero_()
 
-    def run(self, cond: Tensor, noise: Tensor, x: Tensor) -> None:
+    def run(self, cond: Tensor, noise: Tensor, x: Tensor, source: Tensor | None = None) -> None:
         """The next chunk: ``cond [B, C_cond, n]`` upsampled mel, ``noise [n, B, 1]``, output
-        into ``x [n, B, 1]``, ``n <= steps`` (shorter only for the last chunk)."""
+        into ``x [n, B, 1]``, ``n <= steps`` (shorter only for the last chunk); ``source
+        [n, B, 3]`` (time-major) for a teacher with excitation."""
         n = noise.shape[0]
+        if (source is None) != (self.inputs is None):
+            raise ValueError("source must be given exactly when the teacher has excitation")
+        if source is not None:
+            self.inputs[:n, :, 1:].copy_(source)
         self.stepper.conditioning_terms(cond, out=self.terms[:n])
         self.noise[:n].copy_(noise)
         if self.graph is None:

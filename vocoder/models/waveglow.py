@@ -33,6 +33,7 @@ from vocoder.flows.invconv import INVCONVS, make_invconv
 from vocoder.losses import QUANTISATION_STEP, dequantise
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import ChunkedStream
+from vocoder.nn.excitation import SOURCE_CHANNELS, make_excitation
 
 
 class WaveGlow(Vocoder):
@@ -41,6 +42,11 @@ class WaveGlow(Vocoder):
     ``audio_scale`` (0.1 here, 1.0 for NVIDIA's published models) divides the audio before the
     flow and multiplies it back after the inverse, so the couplings see unit-scale signals as
     the teacher's and student's WaveNets do; its log enters the log-determinant.
+
+    ``excitation`` (``None``, or the keywords of an :class:`~vocoder.nn.excitation.Excitation`)
+    adds the excitation source ``[3, T]`` (the phase of the fundamental and the voicing),
+    squeezed like the mel, to every coupling's conditioning: the audio's own in training, the
+    mel's at synthesis.
     """
 
     kind = "waveglow"
@@ -50,7 +56,7 @@ class WaveGlow(Vocoder):
                  n_channels: int = 256, kernel_size: int = 3, invconv: str = "plain",
                  upsample_kernel: int | None = None, sigma: float = 0.6,
                  train_sigma: float = 1.0, weight_norm: bool = True,
-                 audio_scale: float = 0.1):
+                 audio_scale: float = 0.1, excitation: dict | None = None):
         super().__init__(n_mels, hop_length)
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
@@ -83,9 +89,11 @@ class WaveGlow(Vocoder):
             self.flow_channels.append(remaining)
 
         self.upsample = nn.ConvTranspose1d(n_mels, n_mels, upsample_kernel, stride=hop_length)
+        self.excitation = make_excitation(excitation, n_mels, hop_length)
+        cond_channels = (n_mels + (SOURCE_CHANNELS if self.excitation else 0)) * n_group
         self.invconvs = nn.ModuleList(make_invconv(invconv, c) for c in self.flow_channels)
         self.couplings = nn.ModuleList(
-            AffineCoupling(c, n_mels * n_group, n_layers, n_channels, kernel_size, weight_norm)
+            AffineCoupling(c, cond_channels, n_layers, n_channels, kernel_size, weight_norm)
             for c in self.flow_channels
         )
 
@@ -96,7 +104,8 @@ class WaveGlow(Vocoder):
                     kernel_size=self.kernel_size, invconv=self.invconv,
                     upsample_kernel=self.upsample_kernel, sigma=self.sigma,
                     train_sigma=self.train_sigma, weight_norm=self.weight_norm,
-                    audio_scale=self.audio_scale)
+                    audio_scale=self.audio_scale,
+                    excitation=self.excitation.config() if self.excitation else None)
 
     @property
     def coupling_reach(self) -> int:
@@ -112,9 +121,18 @@ class WaveGlow(Vocoder):
     def _dtype(self) -> torch.dtype:
         return self.upsample.weight.dtype
 
-    def conditioning(self, mel: Tensor, n_samples: int) -> Tensor:
+    def source(self, mel: Tensor) -> Tensor | None:
+        """The excitation source ``[B, 3, F * hop]`` the mel implies (no gradient), or
+        ``None`` without excitation."""
+        if self.excitation is None:
+            return None
+        with torch.no_grad():
+            return self.excitation.from_mel(mel.to(self._dtype))
+
+    def conditioning(self, mel: Tensor, n_samples: int, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> squeezed conditioning
-        ``[B, n_mels * n_group, T / n_group]``."""
+        ``[B, n_mels * n_group, T / n_group]``; with excitation the squeezed ``source [B, 3,
+        T]`` (default: the mel's) follows, ``[B, (n_mels + 3) * n_group, T / n_group]``."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
         mel = mel.to(self._dtype)
@@ -132,9 +150,13 @@ class WaveGlow(Vocoder):
         if up.shape[-1] < n_samples:
             raise ValueError(f"{mel.shape[-1]} mel frames cover {up.shape[-1]} samples, "
                              f"fewer than the {n_samples} asked for")
-        batch, g = up.shape[0], self.n_group
-        up = up[..., :n_samples].reshape(batch, self.n_mels, n_samples // g, g)
-        return up.transpose(2, 3).reshape(batch, self.n_mels * g, n_samples // g)
+        up = up[..., :n_samples]
+        if self.excitation is not None:
+            source = self.source(mel) if source is None else source
+            up = torch.cat([up, source[..., :n_samples].to(up)], dim=1)
+        batch, channels, g = up.shape[0], up.shape[1], self.n_group
+        up = up.reshape(batch, channels, n_samples // g, g)
+        return up.transpose(2, 3).reshape(batch, channels * g, n_samples // g)
 
     def _squeeze(self, signal: Tensor) -> Tensor:
         """``[B, T]`` -> ``[B, n_group, T / n_group]``."""
@@ -150,11 +172,13 @@ class WaveGlow(Vocoder):
         """``[B, n_group, T / n_group]`` -> ``[B, T]``."""
         return x.transpose(1, 2).reshape(x.shape[0], -1)
 
-    def encode(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, audio: Tensor, mel: Tensor,
+               source: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``audio [B, T]`` -> ``(z [B, T], log_det [B])``: the flow's latent (layout in the
-        module docstring) and ``log|det dz/daudio|`` in nats."""
+        module docstring) and ``log|det dz/daudio|`` in nats (with excitation, given
+        ``source``, by default the mel's)."""
         x = self._squeeze(audio) * (1.0 / self.audio_scale)
-        cond = self.conditioning(mel, audio.shape[1])
+        cond = self.conditioning(mel, audio.shape[1], source)
         early, log_det = [], -audio.shape[1] * math.log(self.audio_scale)
         for k, (invconv, coupling) in enumerate(zip(self.invconvs, self.couplings,
                                                     strict=True)):
@@ -166,10 +190,10 @@ class WaveGlow(Vocoder):
             log_det = log_det + ld_w + ld_s
         return self._unsqueeze(torch.cat([*early, x], dim=1)), log_det
 
-    def decode(self, z: Tensor, mel: Tensor) -> Tensor:
+    def decode(self, z: Tensor, mel: Tensor, source: Tensor | None = None) -> Tensor:
         """``z [B, T]`` -> audio ``[B, T]``, the exact inverse of :meth:`encode`."""
         zs = self._squeeze(z)
-        cond = self.conditioning(mel, z.shape[1])
+        cond = self.conditioning(mel, z.shape[1], source)
         start = self.n_group - self.flow_channels[-1]
         x = zs[:, start:]
         for k in reversed(range(self.n_flows)):
@@ -180,9 +204,11 @@ class WaveGlow(Vocoder):
                 x = torch.cat([zs[:, start:start + self.n_early_size], x], dim=1)
         return self._unsqueeze(x) * self.audio_scale
 
-    def log_prob(self, audio: Tensor, mel: Tensor, sigma: float = 1.0) -> Tensor:
-        """``log p(audio | mel)`` in nats per utterance ``[B]``, with ``z ~ N(0, sigma^2)``."""
-        z, log_det = self.encode(audio, mel)
+    def log_prob(self, audio: Tensor, mel: Tensor, sigma: float = 1.0,
+                 source: Tensor | None = None) -> Tensor:
+        """``log p(audio | mel)`` in nats per utterance ``[B]``, with ``z ~ N(0, sigma^2)``
+        (with excitation, given ``source``, by default the mel's)."""
+        z, log_det = self.encode(audio, mel, source)
         z = z.to(log_det.dtype)
         n = z.shape[1]
         log_norm = n * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
@@ -194,23 +220,33 @@ class WaveGlow(Vocoder):
 
         Metrics: ``nll`` (nats per sample; NVIDIA's printed loss leaves out the constant
         ``0.5 * ln(2 pi)`` = 0.919) and ``bits_per_sample``, the code length of the 16-bit
-        samples that this bounds (``nll / ln 2 + 15``; 16 would be a uniform code).
+        samples that this bounds (``nll / ln 2 + 15``; 16 would be a uniform code). With
+        excitation the source is the audio's own and the pitch predictor's loss is added
+        (metrics ``pitch_*``).
         """
         dequantised = dequantise(audio)
-        nll = -(self.log_prob(dequantised, mel, self.train_sigma) / audio.shape[1]).mean()
+        source, pitch_loss = None, None
+        if self.excitation is not None:
+            source, pitch_loss = self.excitation.analyse(audio, mel)
+        nll = -(self.log_prob(dequantised, mel, self.train_sigma, source)
+                / audio.shape[1]).mean()
         value = float(nll.detach())
         bits = (value - math.log(QUANTISATION_STEP)) / math.log(2)
-        return nll, {"nll": value, "bits_per_sample": bits}
+        metrics = {"nll": value, "bits_per_sample": bits}
+        if pitch_loss is None:
+            return nll, metrics
+        metrics.update(self.excitation.last_metrics)
+        return nll + pitch_loss, metrics
 
     @torch.no_grad()
     def synthesize(self, mel: Tensor, sigma: float | None = None,
-                   z: Tensor | None = None) -> Tensor:
+                   z: Tensor | None = None, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from noise ``z`` (standard normal,
         drawn when ``None``; layout in the module docstring) times ``sigma`` (default: the
-        model's, 0.6)."""
+        model's, 0.6); with excitation, given ``source`` (default: the mel's)."""
         sigma = self.sigma if sigma is None else float(sigma)
         mel = mel.to(self._dtype)
-        return self.decode(self.noise(mel, z) * sigma, mel)
+        return self.decode(self.noise(mel, z) * sigma, mel, source)
 
     def stream(self, sigma: float | None = None, context_frames: int = 8) -> ChunkedStream:
         """Chunked synthesis with ``context_frames`` of mel on each side of every chunk

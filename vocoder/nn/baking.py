@@ -166,7 +166,8 @@ class BakedWaveNet:
 
 @torch.no_grad()
 def bake_wavenet(stack, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, input_scale: float = 1.0,
+                 dtype: torch.dtype | None = None,
+                 input_scale: float | Sequence[float] = 1.0,
                  output_scale: Sequence[float] | None = None,
                  output_shift: Sequence[float] | None = None,
                  fold_first_layer: bool = True) -> BakedWaveNet:
@@ -174,7 +175,8 @@ def bake_wavenet(stack, device: torch.device | str | None = None,
     inference on ``device`` in ``dtype`` (default: the stack's).
 
     The baked stack computes ``output_scale * stack(input_scale * x, cond) + output_shift``
-    (per output channel; defaults 1 and 0). ``fold_first_layer`` folds the first layer's
+    (``input_scale`` one number or one per input channel, the output affine per output
+    channel; defaults 1 and 0). ``fold_first_layer`` folds the first layer's
     taps through the input 1x1 (:func:`fold_input_affine`); without it they read the residual
     stream ``h = W_in x + b_in`` like every other layer. The weights are copied: bake again
     after they change.
@@ -190,7 +192,9 @@ def bake_wavenet(stack, device: torch.device | str | None = None,
         return conv_weight(conv).double()
 
     n_layers = stack.n_layers
-    input_weight = weight_of(stack.input)[:, :, 0] * input_scale  # [R, C_in]
+    input_weight = weight_of(stack.input)[:, :, 0]  # [R, C_in]
+    input_weight = input_weight * torch.as_tensor(input_scale, dtype=torch.float64,
+                                                  device=input_weight.device)
     input_bias = stack.input.bias.double()
     skip_scale = math.sqrt(1.0 / n_layers)
     layers = []

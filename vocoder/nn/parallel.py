@@ -20,14 +20,19 @@ CPU_BLOCK_ROWS = 4096
 
 
 class ParallelStack:
-    """A baked one-channel-input WaveNet (a flow's network) run over all ``B * T`` positions.
+    """A baked WaveNet of one signal input (a flow's network) run over all ``B * T`` positions.
+
+    Its further input channels, if any, are the excitation source of :class:`ParallelWork`
+    (``source``), read at the current step: input channel 0 is the signal shifted by one, the
+    others the source.
 
     * activations live in ``[B, P + T, C]`` buffers (flattened to rows) whose first ``P`` rows
       per sequence are zeros, ``P`` at least the largest causal padding, so the input of a
       dilated tap ``s`` steps back is a row range of one contiguous matrix: a causal
       convolution is one ``addmm`` per kernel tap into the gate, with no padding copies;
-    * the first layer's taps read the two columns ``(x, 1)`` (the baked fold of the input
-      1x1), ``2 / C`` of the arithmetic of the taps that dominate a layer;
+    * the first layer's taps read the columns ``(x, s, 1)`` (the baked fold of the input 1x1;
+      ``s`` the source, if any), ``(2 + K) / C`` of the arithmetic of the taps that dominate a
+      layer;
     * the mel conditioning never exists at the sample rate: each layer's 1x1 projection is
       applied to the frames and then upsampled by the upsampler's banded polyphase matrix
       (:meth:`~vocoder.nn.wavenet.MelUpsampler.polyphase`), one ``baddbmm`` with ``2J + 1``
@@ -38,8 +43,8 @@ class ParallelStack:
     """
 
     def __init__(self, baked: BakedWaveNet):
-        if baked.input_weight.shape[0] != 1 or baked.cond_weight is None:
-            raise ValueError("ParallelStack runs conditioned stacks of one input channel")
+        if baked.cond_weight is None:
+            raise ValueError("ParallelStack runs conditioned stacks")
         self.baked = baked
         self.half = baked.gate_channels // 2
 
@@ -52,7 +57,8 @@ class ParallelStack:
         ref = self.baked.input_weight
         shifts = [max(shift for shift, _ in layer.taps) for layer in self.baked.layers]
         # The first layer reads `source`: its entry in `layers` holds nothing.
-        return StackState(ref.new_zeros(batch, 1), ref.new_zeros(batch, shifts[0], 2),
+        return StackState(ref.new_zeros(batch, 1),
+                          ref.new_zeros(batch, shifts[0], ref.shape[0] + 1),
                           [ref.new_zeros(batch, 0 if i == 0 else p, self.baked.residual_channels)
                            for i, p in enumerate(shifts)])
 
@@ -79,10 +85,17 @@ class ParallelStack:
         else:
             shifted = torch.cat([state.last, h[:, :-1]], dim=1)
             state.last = h[:, -1:].clone()
+        data_rows = rows.view(batch, pad + length, -1)[:, pad:]
         torch.addcmul(baked.input_bias, shifted.unsqueeze(-1), baked.input_weight[0],
-                      out=rows.view(batch, pad + length, -1)[:, pad:])
-        source = work.source.view(batch, pad + length, 2)
+                      out=data_rows)
+        n_inputs = baked.input_weight.shape[0]
+        if n_inputs != work.source.shape[-1] - 1:
+            raise ValueError(f"a stack of {n_inputs} input channels needs a work with "
+                             f"{n_inputs - 1} source channels")
+        source = work.source.view(batch, pad + length, n_inputs + 1)
         source[:, pad:, 0] = shifted
+        if n_inputs > 1:
+            data_rows.add_(torch.matmul(source[:, pad:, 1:-1], baked.input_weight[1:]))
         if state is not None:
             kept = state.source.shape[1]
             source[:, pad - kept:pad] = state.source
@@ -133,9 +146,9 @@ class ParallelStack:
 @dataclasses.dataclass
 class StackState:
     """What a :class:`ParallelStack` keeps between pieces of one signal: ``last [B, 1]`` the
-    previous piece's last input sample, ``source [B, P_0, 2]`` the first layer's last rows
-    ``(x, 1)`` of shifted input (``(0, 0)`` before the signal: the zero padding of the first
-    layer's input), and ``layers[i] [B, P_i, R]`` the last ``P_i`` inputs of layer ``i``
+    previous piece's last input sample, ``source [B, P_0, K + 2]`` the first layer's last rows
+    ``(x, s, 1)`` of shifted input and source (zeros before the signal: the zero padding of
+    the first layer's input), and ``layers[i] [B, P_i, R]`` the last ``P_i`` inputs of layer ``i``
     (its longest tap; ``layers[0]`` is empty: the first layer reads ``source``)."""
 
     last: Tensor
@@ -162,6 +175,8 @@ class ParallelWork:
 
     ``emit=(a, b)`` (streaming) computes only frames ``a .. b - 1`` of ``mel``; the others are
     context: the frames the polyphase windows of ``a .. b - 1`` read are copied beside them.
+    ``source [B, K, (b - a) * hop]`` is the excitation of the computed samples for stacks with
+    ``1 + K`` input channels (see :mod:`vocoder.nn.excitation`).
 
     Each layer runs over ``blocks``, ranges of whole hops of about :data:`CPU_BLOCK_ROWS`
     rows on CPU (all rows in one range elsewhere, or when it is ``None``), with the gate and
@@ -171,7 +186,7 @@ class ParallelWork:
     """
 
     def __init__(self, upsampler, stacks: list[ParallelStack], mel: Tensor,
-                 emit: tuple[int, int] | None = None):
+                 emit: tuple[int, int] | None = None, source: Tensor | None = None):
         baked = stacks[0].baked
         device, dtype = baked.input_weight.device, baked.input_weight.dtype
         block_rows = CPU_BLOCK_ROWS if device.type == "cpu" else None
@@ -219,8 +234,14 @@ class ParallelWork:
         self.hidden = (self.gate.view(-1)[:block * skip].view(block, skip) if gate >= skip
                        else torch.empty(block, skip, device=device, dtype=dtype))
         self.out = torch.empty(rows, baked.out_channels, device=device, dtype=dtype)
-        # (x, 1) per data row of a stack's shifted input, (0, 0) in the padding rows: the
-        # first layer's taps read it (see ParallelStack).
-        source = torch.zeros(batch, stride * hop, 2, device=device, dtype=dtype)
-        source[:, self.padding:, 1] = 1.0
-        self.source = source.view(rows, 2)
+        # (x, s, 1) per data row of a stack's shifted input and excitation, zeros in the
+        # padding rows: the first layer's taps read it (see ParallelStack).
+        n_source = 0 if source is None else source.shape[1]
+        if source is not None and tuple(source.shape) != (batch, n_source, frames * hop):
+            raise ValueError(f"source must be [{batch}, K, {frames * hop}], got "
+                             f"{tuple(source.shape)}")
+        rows_source = torch.zeros(batch, stride * hop, n_source + 2, device=device, dtype=dtype)
+        rows_source[:, self.padding:, -1] = 1.0
+        if source is not None:
+            rows_source[:, self.padding:, 1:-1] = source.transpose(1, 2)
+        self.source = rows_source.view(rows, n_source + 2)

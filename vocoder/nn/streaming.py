@@ -28,9 +28,13 @@ class ConditioningStream:
     memory stays bounded however long the stream runs.
     """
 
-    def __init__(self, upsampler: MelUpsampler):
+    def __init__(self, upsampler: MelUpsampler | None, lookahead_frames: int = 0):
         self.upsampler = upsampler
-        self.lookahead_frames = upsampler.lookahead_frames
+        # At least the upsampler's; more when something else reads the same frames further
+        # ahead (an excitation source, see vocoder.nn.excitation). Without an upsampler only
+        # the frame bookkeeping (push_frames, flush_frames) is used.
+        self.lookahead_frames = max(0 if upsampler is None else upsampler.lookahead_frames,
+                                    int(lookahead_frames))
         # Frames of context on each side of the frames handed out: past them the window's edge
         # replication cannot reach.
         self.margin = self.lookahead_frames + 1
@@ -42,13 +46,13 @@ class ConditioningStream:
     def push(self, mel: Tensor) -> Tensor:
         """Append ``mel [B, n_mels, f]``; returns the conditioning of the frames that are final
         now (those with ``lookahead_frames`` frames after them), ``[B, C, n * hop]``."""
-        return self._conditioning(self.push_frames(mel))
+        return self.conditioning(self.push_frames(mel))
 
     def flush(self) -> Tensor | None:
         """The conditioning of every frame not yet handed out (``None`` before any push)."""
         if self.frames is None:
             return None
-        return self._conditioning(self.flush_frames())
+        return self.conditioning(self.flush_frames())
 
     def push_frames(self, mel: Tensor) -> tuple[Tensor, int, int]:
         """:meth:`push` before upsampling: ``(window [B, n_mels, w], a, b)``, the frames
@@ -63,7 +67,9 @@ class ConditioningStream:
         assert self.frames is not None
         return self._take(self.received)
 
-    def _conditioning(self, taken: tuple[Tensor, int, int]) -> Tensor:
+    def conditioning(self, taken: tuple[Tensor, int, int]) -> Tensor:
+        """The upsampled conditioning ``[B, C, (b - a) * hop]`` of what :meth:`push_frames` or
+        :meth:`flush_frames` returned."""
         window, a, b = taken
         if a == b:
             return window.new_zeros(window.shape[0], self.upsampler.out_channels, 0)

@@ -99,7 +99,10 @@ class PitchProbe:
             from vocoder.losses import gaussian_log_prob
 
             audio = self.audio.to(device, dtype)
-            mu, log_sigma = model(audio, mel)
+            # With excitation, given the audio's own source (the training conditioning).
+            source = (None if model.excitation is None
+                      else model.excitation.analyse(audio, mel)[0])
+            mu, log_sigma = model(audio, mel, source)
             nll = -gaussian_log_prob(audio, mu, log_sigma).float().cpu()
             voiced = self._voiced_samples()
             for name, mask in (("nll_voiced", voiced), ("nll_unvoiced", ~voiced)):

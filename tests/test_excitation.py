@@ -1,0 +1,194 @@
+"""The excitation source (vocoder/nn/excitation.py) and the models that read it: the analysis
+finds a known pitch and phase, the pieces of a stream equal the whole, and the models keep their
+invariants (causality, exact sampling and streaming, exact inverses) with a source."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vocoder
+from vocoder.data.demo import generate_utterance
+from vocoder.distill import distillation_pass
+from vocoder.nn.excitation import (
+    estimate_f0,
+    frames_to_samples,
+    fundamental_phase,
+    integrate_phase,
+)
+
+SR, HOP = 22050, 256
+
+
+def _pulse_train(f0: np.ndarray, sr: int = SR) -> np.ndarray:
+    """A band-limited glottal-like pulse train (sum of harmonics with falling amplitude)
+    following the per-sample contour ``f0``, with its phase."""
+    phase = 2 * np.pi * np.cumsum(f0 / sr)
+    x = sum(np.cos(k * phase) / k for k in range(1, 20) if k * f0.max() < sr / 2)
+    return 0.1 * x / np.abs(x).max(), phase
+
+
+def test_estimate_f0_finds_a_gliding_pitch_and_calls_silence_unvoiced():
+    n = 40 * HOP
+    f0 = np.linspace(100.0, 180.0, n)  # an octave in 0.46 s, fast for speech
+    x, _ = _pulse_train(f0)
+    x[: 10 * HOP] = 0.0  # silence first
+    est, voiced = estimate_f0(torch.tensor(x)[None], SR, HOP, 40)
+    centres = np.arange(40) * HOP
+    truth = f0[np.minimum(centres, n - 1)]
+    inside = slice(13, 39)  # frames whose window lies in the tone
+    cents = 1200 * np.abs(np.log2(est[0, inside].numpy() / truth[inside]))
+    assert voiced[0, inside].all() and cents.max() < 25
+    assert not voiced[0, :8].any() and (est[0, :8] == 0).all()
+
+
+def test_estimate_f0_agrees_with_the_demo_corpus_true_contour():
+    errors, mismatched, frames = [], 0, 0
+    for i in range(4):
+        u = generate_utterance(i)
+        n = len(u.audio) // HOP
+        est, voiced = estimate_f0(torch.from_numpy(u.audio)[None], SR, HOP, n)
+        truth = torch.from_numpy(u.f0[:n])
+        both = (truth > 0) & (voiced[0] > 0)
+        errors.append((1200 * torch.log2(est[0][both] / truth[both])).abs())
+        mismatched += int(((truth > 0) != (voiced[0] > 0)).sum())
+        frames += n
+    errors = torch.cat(errors)
+    assert errors.median() < 10 and (errors > 100).float().mean() < 0.1
+    assert mismatched / frames < 0.1
+
+
+def test_fundamental_phase_recovers_the_phase_of_a_harmonic_signal():
+    n = 30 * HOP
+    f0 = 120.0 + 30.0 * np.sin(np.linspace(0, 3, n))
+    x, phase = _pulse_train(f0)
+    offset = 1.3  # the signal's phase is not the integrated F0's
+    x, _ = _pulse_train(f0)
+    shifted = sum(np.cos(k * (phase + offset)) / k for k in range(1, 20))
+    psi = fundamental_phase(torch.tensor(shifted)[None], torch.tensor(f0)[None], SR)[0].numpy()
+    error = np.angle(np.exp(1j * (psi - phase - offset)))[2000:-2000]
+    assert np.abs(error).max() < 0.05
+
+
+def test_phase_and_interpolation_in_pieces_equal_the_whole():
+    f0 = 100 + 50 * torch.rand(2, 3000, dtype=torch.float64)
+    whole, _ = integrate_phase(f0, SR)
+    assert whole[:, 0].abs().max() == 0
+    pieces, offset = [], None
+    for a, b in [(0, 1), (1, 700), (700, 701), (701, 3000)]:
+        piece, offset = integrate_phase(f0[:, a:b], SR, offset)
+        pieces.append(piece)
+    torch.testing.assert_close(torch.cat(pieces, -1), whole, rtol=0, atol=1e-9)
+    values = torch.randn(2, 9, dtype=torch.float64)
+    full = frames_to_samples(values, HOP, 9 * HOP)
+    assert torch.equal(full[:, ::HOP], values)  # frame i sits on sample i * hop
+    torch.testing.assert_close(frames_to_samples(values, HOP, 2 * HOP, 3 * HOP),
+                               full[:, 3 * HOP:5 * HOP])
+
+
+def _model(kind: str, dtype=torch.float64):
+    """A debug-size model with excitation, weights moved off their initial values (a fresh
+    student is an identity, a fresh predictor a constant)."""
+    torch.manual_seed(0)
+    model = vocoder.build_model(kind, experiment="debug", excitation=True).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _mel(model, frames: int, batch: int = 2) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    mels = [model.features(torch.from_numpy(generate_utterance(i).audio[:frames * HOP]).float())
+            for i in range(batch)]
+    return torch.stack(mels)[..., :frames].to(dtype)
+
+
+def test_excitation_is_in_the_arch_and_survives_a_checkpoint(tmp_path):
+    from vocoder.checkpoint import make_checkpoint, save_checkpoint
+
+    model = _model("student", torch.float32)
+    arch = model.arch_config()
+    assert arch["excitation"]["sample_rate"] == SR and model.flows[0].in_channels == 4
+    assert vocoder.build_model("student", experiment="debug").arch_config()["excitation"] is None
+    path = tmp_path / "s.pt"
+    save_checkpoint(make_checkpoint(model, model.features.config.to_dict()), path)
+    loaded = vocoder.load_model(path)
+    mel, z = _mel(model, 5), torch.randn(2, 5 * HOP)
+    torch.testing.assert_close(loaded.synthesize(mel, z=z), model.synthesize(mel, z=z))
+
+
+def test_teacher_with_excitation_is_causal_and_samples_exactly():
+    model = _model("teacher")
+    mel = _mel(model, 3)
+    source = model.source(mel)
+    assert source.shape == (2, 3, 3 * HOP) and source[:, 2].min() > 0.1  # not silent
+    x = 0.1 * torch.randn(2, 3 * HOP, dtype=torch.float64)
+    mu, log_sigma = model(x, mel)
+    changed = x.clone()
+    changed[:, 400:] += 1.0
+    mu2, log_sigma2 = model(changed, mel)
+    assert torch.equal(mu[:, :401], mu2[:, :401]) and not torch.equal(mu[:, 401:], mu2[:, 401:])
+    # The source is an input: another source changes the outputs.
+    mu3, _ = model(x, mel, torch.roll(source, 50, dims=-1))
+    assert not torch.allclose(mu, mu3)
+    z = torch.randn(2, 2 * HOP, dtype=torch.float64)
+    torch.testing.assert_close(model.sample(mel[..., :2], z=z),
+                               model._sample_naive(mel[..., :2], z), rtol=0, atol=1e-9)
+
+
+def test_student_with_excitation_is_causal_and_its_baked_form_equals_the_module():
+    model = _model("student")
+    mel, z = _mel(model, 5), torch.randn(2, 5 * HOP, dtype=torch.float64)
+    with torch.no_grad():
+        x, mu, _ = model(z, mel)
+        changed = z.clone()
+        changed[:, 600:] += 1.0
+        _, mu2, _ = model(changed, mel)
+    assert torch.equal(mu[:, :601], mu2[:, :601]) and not torch.equal(mu[:, 601:], mu2[:, 601:])
+    torch.testing.assert_close(model.synthesize(mel, z=z), x, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_streams_with_excitation_equal_whole_synthesis(kind):
+    model = _model(kind, torch.float32)
+    frames = 9 if kind == "student" else 6
+    mel, z = _mel(model, frames), torch.randn(2, frames * HOP)
+    whole = model.synthesize(mel, sigma=0.8, z=z)
+    for chunks in ([1] * frames, [2, 3, frames - 5]):
+        stream = model.stream(sigma=0.8)
+        # The source reads the predictor's context and the next frame.
+        assert stream.lookahead_frames == model.excitation.stream_lookahead_frames == 4
+        pieces, begin = [], 0
+        for size in chunks:
+            pieces.append(stream.push(mel[..., begin:begin + size],
+                                      z[:, begin * HOP:(begin + size) * HOP]))
+            begin += size
+        pieces.append(stream.flush())
+        torch.testing.assert_close(torch.cat(pieces, -1), whole, rtol=0, atol=1e-5)
+
+
+def test_distillation_scores_the_student_sample_under_the_student_source():
+    student, teacher = _model("student"), _model("teacher")
+    mel, z = _mel(student, 4), torch.randn(2, 4 * HOP, dtype=torch.float64)
+    run = distillation_pass(student, teacher, mel, z)
+    source = student.source(mel)
+    mu_t, _ = teacher(run.x, mel, source)
+    torch.testing.assert_close(run.mu_teacher, mu_t, rtol=0, atol=0)
+    assert not torch.allclose(teacher(run.x, mel)[0], mu_t)  # the teacher's own would differ
+
+
+def test_waveglow_with_excitation_is_exactly_invertible_and_trains():
+    model = _model("waveglow")
+    mel = _mel(model, 4)
+    audio = 0.1 * torch.randn(2, 4 * HOP, dtype=torch.float64)
+    z, log_det = model.encode(audio, mel)
+    torch.testing.assert_close(model.decode(z, mel), audio, rtol=0, atol=1e-10)
+    model.train()
+    loss, metrics = model.training_loss(audio.clamp(-1, 1), mel)
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and "pitch_cents" in metrics
+    assert model.excitation.predictor.out.weight.grad.abs().sum() > 0
