@@ -2,7 +2,10 @@
 # End-to-end demo on the embedded corpus, on CPU:
 #   prepare -> teacher -> student (distillation) -> WaveGlow -> synthesis -> eval -> bench -> report
 #
-#   bash recipes/demo/run.sh [--size demo|ci] [--stage N] [--stop-stage N] [--exp DIR]
+#   bash recipes/demo/run.sh [--size demo|long|ci] [--stage N] [--stop-stage N] [--exp DIR]
+#
+# Sizes: demo (the demo preset, about 15 minutes), long (the same models trained several
+# times longer, for at most 2 hours), ci (toy sizes, a few minutes).
 #
 # Stages: 0 prepare, 1 teacher, 2 student, 3 waveglow, 4 synth, 5 bench, 6 eval + report.
 # Every stage can run alone; training stages resume from their last checkpoint when rerun.
@@ -19,7 +22,7 @@ while [ $# -gt 0 ]; do
     --stage) stage=$2; shift 2 ;;
     --stop-stage) stop_stage=$2; shift 2 ;;
     --exp) exp=$2; shift 2 ;;
-    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -27,11 +30,12 @@ exp=${exp:-exp/demo-$size}
 if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 
 case $size in
-  demo) teacher_steps=800;  student_steps=250; waveglow_steps=400;  n_utt=300 ;;
-  ci)   teacher_steps=40;   student_steps=20;  waveglow_steps=40;   n_utt=40 ;;
-  *) echo "unknown --size $size (demo or ci)" >&2; exit 2 ;;
+  demo) teacher_steps=800;  student_steps=250;  waveglow_steps=400;  n_utt=300; preset=demo ;;
+  long) teacher_steps=6000; student_steps=2000; waveglow_steps=2000; n_utt=300; preset=demo ;;
+  ci)   teacher_steps=40;   student_steps=20;   waveglow_steps=40;   n_utt=40;  preset=ci ;;
+  *) echo "unknown --size $size (demo, long or ci)" >&2; exit 2 ;;
 esac
-common=(data=demo data.n_utterances=$n_utt data.cache_dir=$exp/data experiment=$size trainer.device=cpu)
+common=(data=demo data.n_utterances=$n_utt data.cache_dir=$exp/data experiment=$preset trainer.device=cpu)
 run() { echo "+ $*"; "$@"; }
 # Teacher sampling temperature for synthesis and eval (a little below 1 for the small demo
 # teacher: lower log-mel L1 and voicing error than sigma=1); other models use their default.
@@ -67,7 +71,7 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   stamp 4
 fi
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
-  run $py -m vocoder.cli.bench output=$exp/bench device=cpu experiment=$size seconds=1 \
+  run $py -m vocoder.cli.bench output=$exp/bench device=cpu experiment=$preset seconds=1 \
     teacher=$exp/teacher/checkpoints/last.pt student=$exp/student/checkpoints/last.pt \
     waveglow=$exp/waveglow/checkpoints/last.pt
   stamp 5

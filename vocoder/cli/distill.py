@@ -59,12 +59,20 @@ def main(cfg) -> None:
     corpus = prepare_data(cfg, features, int(cfg.trainer.segment_frames) * features.hop_length)
     seed_everything(int(cfg.seed))
     arch = OmegaConf.to_container(cfg.arch.student, resolve=True)
-    inherit = teacher.excitation is not None and arch.get("excitation") is None
-    if inherit:  # the teacher's pitch predictor, so that both read the same source
+    # The student reads its teacher's excitation, pitch predictor included (trained with the
+    # teacher, frozen here), so that both see the same source. Only an explicit
+    # arch.student.excitation=false opts out.
+    if arch.get("excitation") is False:
+        pass
+    elif teacher.excitation is not None:
         arch["excitation"] = teacher.excitation.config()
+    elif arch.get("excitation") is not None:
+        raise VocoderError(f"arch.student.excitation needs a teacher with an excitation (the "
+                           f"student uses the teacher's pitch predictor); {teacher_path} has "
+                           f"none: set arch.student.excitation=null")
     student = model_from_arch("student", features.n_mels, features.hop_length, arch,
                               features.sample_rate)
-    if inherit:
+    if student.excitation is not None:
         student.excitation.load_state_dict(teacher.excitation.state_dict())
         student.excitation.requires_grad_(False)
     make_objective = make_distill_objective(teacher, cfg.distill, features)

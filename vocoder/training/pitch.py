@@ -12,7 +12,7 @@ the recordings:
 * ``pitch_f0_rmse_cents``: over frames voiced in both (NaN when there are none);
 * for a model with a per-sample likelihood (the teacher), ``nll_voiced`` / ``nll_unvoiced``:
   its teacher-forced NLL (nats per sample) on the recordings, split by the reference's
-  voicing.
+  voicing (with excitation, given the recording's own source, as in training).
 
 The reference contour is the corpus's true F0 where it has one (the demo corpus), else pyin's
 estimate on the recording, computed once.
