@@ -199,7 +199,8 @@ def test_make_distill_objective_reads_the_config_block():
     assert plain.skip == 3 and plain.stft is not None
 
 
-def test_distill_cli_writes_a_student_checkpoint(tmp_path):
+@pytest.mark.parametrize("excitation", [False, True])
+def test_distill_cli_writes_a_student_checkpoint(tmp_path, excitation):
     from vocoder.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from vocoder.features import MelFrontEnd
     from vocoder.models import load_model
@@ -207,7 +208,10 @@ def test_distill_cli_writes_a_student_checkpoint(tmp_path):
     features = MelFrontEnd.from_preset("tacotron2")
     teacher = Teacher(features.n_mels, features.hop_length, n_layers=2, cycle_length=2,
                       residual_channels=4, gate_channels=4, skip_channels=4, kernel_size=2,
-                      cond_channels=4)
+                      cond_channels=4,
+                      excitation={"sample_rate": features.sample_rate} if excitation else None)
+    if excitation:  # a predictor that is not at its initial values
+        torch.nn.init.normal_(teacher.excitation.predictor.out.weight)
     teacher_path = tmp_path / "teacher.pt"
     save_checkpoint(make_checkpoint(teacher, features.config.to_dict()), teacher_path)
     run_dir = tmp_path / "run"
@@ -231,6 +235,11 @@ def test_distill_cli_writes_a_student_checkpoint(tmp_path):
     assert {"kl", "stft"} <= set(ckpt["metrics"])
     model = load_model(run_dir / "checkpoints" / "last.pt")
     assert model.synthesize(torch.randn(1, features.n_mels, 3)).shape == (1, 3 * 256)
+    # The student has an excitation exactly when its teacher has, with the teacher's predictor.
+    assert ckpt["arch"]["excitation"] == (teacher.excitation.config() if excitation else None)
+    if excitation:
+        for name, value in teacher.excitation.state_dict().items():
+            torch.testing.assert_close(ckpt["model"][f"excitation.{name}"], value, rtol=0, atol=0)
 
 
 def test_float32_models_take_float64_inputs():

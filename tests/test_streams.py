@@ -87,7 +87,7 @@ def test_parallel_stack_state_makes_pieces_equal_the_whole_signal():
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=0, atol=1e-12)
     # The state is the last inputs of each layer: its longest tap, whatever came before.
     layers = flows[0].baked.layers
-    assert state.source.shape == (2, max(s for s, _ in layers[0].taps), 2)
+    assert state.inputs.shape == (2, max(s for s, _ in layers[0].taps), 2)
     assert [t.shape[1] for t in state.layers[1:]] == [max(s for s, _ in layer.taps)
                                                       for layer in layers[1:]]
 
@@ -118,7 +118,7 @@ def test_student_stream_state_is_bounded_by_the_receptive_field():
     for flow, state in zip(model.flows, stream._states, strict=True):
         # The first layer's past rows (x, 1) and every later layer's past inputs: exactly
         # the receptive field behind the current sample, whatever the stream's length.
-        kept = state.source.shape[1] + sum(s.shape[1] for s in state.layers[1:])
+        kept = state.inputs.shape[1] + sum(s.shape[1] for s in state.layers[1:])
         assert kept == flow.receptive_field - 1
 
 

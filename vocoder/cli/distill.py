@@ -60,16 +60,17 @@ def main(cfg) -> None:
     seed_everything(int(cfg.seed))
     arch = OmegaConf.to_container(cfg.arch.student, resolve=True)
     # The student reads its teacher's excitation, pitch predictor included (trained with the
-    # teacher, frozen here), so that both see the same source. Only an explicit
-    # arch.student.excitation=false opts out.
+    # teacher, frozen here), so that both see the same source: it has one exactly when the
+    # teacher has, unless arch.student.excitation=false opts out.
     if arch.get("excitation") is False:
-        pass
+        arch["excitation"] = None
     elif teacher.excitation is not None:
         arch["excitation"] = teacher.excitation.config()
-    elif arch.get("excitation") is not None:
-        raise VocoderError(f"arch.student.excitation needs a teacher with an excitation (the "
-                           f"student uses the teacher's pitch predictor); {teacher_path} has "
-                           f"none: set arch.student.excitation=null")
+    else:
+        if arch.get("excitation") is not None:
+            print(f"note: the teacher {teacher_path.name} has no excitation source (no pitch "
+                  f"predictor to share): distilling a student without one")
+        arch["excitation"] = None
     student = model_from_arch("student", features.n_mels, features.hop_length, arch,
                               features.sample_rate)
     if student.excitation is not None:

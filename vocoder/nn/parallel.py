@@ -22,9 +22,8 @@ CPU_BLOCK_ROWS = 4096
 class ParallelStack:
     """A baked WaveNet of one signal input (a flow's network) run over all ``B * T`` positions.
 
-    Its further input channels, if any, are the excitation source of :class:`ParallelWork`
-    (``source``), read at the current step: input channel 0 is the signal shifted by one, the
-    others the source.
+    Input channel 0 is the signal shifted by one; the further ones, if any, are the excitation
+    source given to :class:`ParallelWork`, read at the current step.
 
     * activations live in ``[B, P + T, C]`` buffers (flattened to rows) whose first ``P`` rows
       per sequence are zeros, ``P`` at least the largest causal padding, so the input of a
@@ -56,7 +55,7 @@ class ParallelStack:
         """The streaming state at the start of a signal (all history zero)."""
         ref = self.baked.input_weight
         shifts = [max(shift for shift, _ in layer.taps) for layer in self.baked.layers]
-        # The first layer reads `source`: its entry in `layers` holds nothing.
+        # The first layer reads `inputs`: its entry in `layers` holds nothing.
         return StackState(ref.new_zeros(batch, 1),
                           ref.new_zeros(batch, shifts[0], ref.shape[0] + 1),
                           [ref.new_zeros(batch, 0 if i == 0 else p, self.baked.residual_channels)
@@ -89,19 +88,19 @@ class ParallelStack:
         torch.addcmul(baked.input_bias, shifted.unsqueeze(-1), baked.input_weight[0],
                       out=data_rows)
         n_inputs = baked.input_weight.shape[0]
-        if n_inputs != work.source.shape[-1] - 1:
+        if n_inputs != work.inputs.shape[-1] - 1:
             raise ValueError(f"a stack of {n_inputs} input channels needs a work with "
                              f"{n_inputs - 1} source channels")
-        source = work.source.view(batch, pad + length, n_inputs + 1)
-        source[:, pad:, 0] = shifted
+        inputs = work.inputs.view(batch, pad + length, n_inputs + 1)
+        inputs[:, pad:, 0] = shifted
         if n_inputs > 1:
-            data_rows.add_(torch.matmul(source[:, pad:, 1:-1], baked.input_weight[1:]))
+            data_rows.add_(torch.matmul(inputs[:, pad:, 1:-1], baked.input_weight[1:]))
         if state is not None:
-            kept = state.source.shape[1]
-            source[:, pad - kept:pad] = state.source
-            state.source = _last(state.source, source[:, pad:], kept)
+            kept = state.inputs.shape[1]
+            inputs[:, pad - kept:pad] = state.inputs
+            state.inputs = _last(state.inputs, inputs[:, pad:], kept)
         for i, layer in enumerate(baked.layers):
-            tap_rows = work.source if i == 0 else rows
+            tap_rows = work.inputs if i == 0 else rows
             if state is not None and i > 0:
                 view = rows.view(batch, pad + length, -1)
                 kept = state.layers[i].shape[1]
@@ -146,13 +145,13 @@ class ParallelStack:
 @dataclasses.dataclass
 class StackState:
     """What a :class:`ParallelStack` keeps between pieces of one signal: ``last [B, 1]`` the
-    previous piece's last input sample, ``source [B, P_0, K + 2]`` the first layer's last rows
+    previous piece's last input sample, ``inputs [B, P_0, K + 2]`` the first layer's last rows
     ``(x, s, 1)`` of shifted input and source (zeros before the signal: the zero padding of
     the first layer's input), and ``layers[i] [B, P_i, R]`` the last ``P_i`` inputs of layer ``i``
-    (its longest tap; ``layers[0]`` is empty: the first layer reads ``source``)."""
+    (its longest tap; ``layers[0]`` is empty: the first layer reads ``inputs``)."""
 
     last: Tensor
-    source: Tensor
+    inputs: Tensor
     layers: list[Tensor]
 
 
@@ -240,8 +239,8 @@ class ParallelWork:
         if source is not None and tuple(source.shape) != (batch, n_source, frames * hop):
             raise ValueError(f"source must be [{batch}, K, {frames * hop}], got "
                              f"{tuple(source.shape)}")
-        rows_source = torch.zeros(batch, stride * hop, n_source + 2, device=device, dtype=dtype)
-        rows_source[:, self.padding:, -1] = 1.0
+        inputs = torch.zeros(batch, stride * hop, n_source + 2, device=device, dtype=dtype)
+        inputs[:, self.padding:, -1] = 1.0
         if source is not None:
-            rows_source[:, self.padding:, 1:-1] = source.transpose(1, 2)
-        self.source = rows_source.view(rows, n_source + 2)
+            inputs[:, self.padding:, 1:-1] = source.transpose(1, 2)
+        self.inputs = inputs.view(rows, n_source + 2)
