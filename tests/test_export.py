@@ -30,8 +30,10 @@ SMALL = {"student": dict(flow_layers=[3, 2], residual_channels=8, gate_channels=
 
 
 def _model(kind):
-    model = vocoder.build_model(kind, preset="tacotron2", experiment="debug",
-                                **SMALL[kind]).eval()
+    # "student+excitation": the pitch predictor and the phase integration go into the graph.
+    kind, _, extra = kind.partition("+")
+    arch = dict(SMALL[kind], **({"excitation": True} if extra else {}))
+    model = vocoder.build_model(kind, preset="tacotron2", experiment="debug", **arch).eval()
     with torch.no_grad():  # a fresh student is an identity: give it some weights
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -46,7 +48,7 @@ def _speech_mel(model, frames, batch=2):
     return torch.cat(mels)
 
 
-@pytest.fixture(scope="module", params=["student", "waveglow"])
+@pytest.fixture(scope="module", params=["student", "waveglow", "student+excitation"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(1)
     model = _model(request.param)
