@@ -16,6 +16,7 @@ import torch
 
 from vocoder.audio import AUDIO_EXTENSIONS, load_audio
 from vocoder.errors import InputError, VocoderError
+from vocoder.nn.excitation import SourcePieces
 
 MEL_EXTENSIONS = (".npy",)
 
@@ -164,6 +165,11 @@ def synthesize_long(
     frames = mel.shape[-1]
     if chunk_frames <= 0 or frames <= chunk_frames:
         return model.synthesize(mel, sigma=sigma)
+    # A model with an excitation source gets each chunk's piece of the whole utterance's source,
+    # so the pulses of overlapping chunks agree where they are cross-faded.
+    excitation = getattr(model, "excitation", None)
+    pieces = (None if excitation is None else
+              SourcePieces(excitation, mel.to(next(excitation.parameters()))))
     hop = model.hop_length
     ov = max(1, min(overlap_frames, chunk_frames // 4))
     out = torch.zeros(mel.shape[0], frames * hop, device=mel.device, dtype=torch.float32)
@@ -174,7 +180,12 @@ def synthesize_long(
     bounds = [round(i * frames / n_chunks) for i in range(n_chunks + 1)]
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         lo, hi = max(start - ov, 0), min(end + ov, frames)
-        piece = model.synthesize(mel[..., lo:hi], sigma=sigma).float()
+        if pieces is None:
+            piece = model.synthesize(mel[..., lo:hi], sigma=sigma).float()
+        else:
+            with torch.no_grad():
+                source = pieces(lo, hi)
+            piece = model.synthesize(mel[..., lo:hi], sigma=sigma, source=source).float()
         # The piece covers [lo, hi); its overlaps with the neighbours are cross-faded.
         weight = torch.ones(piece.shape[-1], device=mel.device)
         if lo < start:

@@ -184,21 +184,24 @@ class Student(Vocoder):
                                  for flow in self.flows])
         return self._baked[1]
 
-    def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0) -> Tensor:
+    def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0,
+               source: Tensor | None = None) -> Tensor:
         """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]`` in one parallel pass.
 
         ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
         deterministic), scaled by the temperature ``sigma``. The result is :meth:`forward`'s
         ``x`` up to rounding, computed by the baked flows
-        (:class:`~vocoder.nn.parallel.ParallelStack`).
+        (:class:`~vocoder.nn.parallel.ParallelStack`). With excitation, ``source [B, 3,
+        F * hop]`` replaces the mel's own (a piece of a longer utterance's, say).
         """
         # Inference mode is a little faster eagerly (no version counters); torch.compile cannot
         # trace through it and gets no_grad.
         context = torch.no_grad if torch.compiler.is_compiling() else torch.inference_mode
         with context():
-            return self._sample(mel, z, sigma)
+            return self._sample(mel, z, sigma, source)
 
-    def _sample(self, mel: Tensor, z: Tensor | None, sigma: float) -> Tensor:
+    def _sample(self, mel: Tensor, z: Tensor | None, sigma: float,
+                source: Tensor | None) -> Tensor:
         weight = next(self.flows[0].parameters())
         mel = mel.to(weight)
         z = self.noise(mel, z) * sigma
@@ -207,9 +210,11 @@ class Student(Vocoder):
             # products into strided views are not traceable, and dynamo would run them
             # eagerly. The forward does more MACs (the mel projected per sample) but is one
             # graph for the compiler to fuse.
-            return self(z, mel)[0]
+            return self(z, mel, source)[0]
         flows = self._parallel_flows(weight.device, weight.dtype)
-        work = ParallelWork(self.upsampler, flows, mel, source=self.source(mel))
+        if self.excitation is not None:
+            source = (self.source(mel) if source is None else source).to(z)
+        work = ParallelWork(self.upsampler, flows, mel, source=source)
         mu_tot = torch.zeros_like(z)
         log_sigma_tot = torch.zeros_like(z)
         h = z
@@ -233,10 +238,11 @@ class Student(Vocoder):
                            "(vocoder.distill.DistillationObjective, vocoder-distill)")
 
     def synthesize(self, mel: Tensor, sigma: float | None = None,
-                   z: Tensor | None = None) -> Tensor:
+                   z: Tensor | None = None, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` in one parallel pass from noise
-        ``z`` (drawn when ``None``) times ``sigma`` (default 1.0)."""
-        return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma)
+        ``z`` (drawn when ``None``) times ``sigma`` (default 1.0); with excitation, given
+        ``source`` (by default the mel's)."""
+        return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma, source=source)
 
     def stream(self, sigma: float | None = None) -> StudentStream:
         """Exact streaming synthesis (:class:`~vocoder.models.streams.StudentStream`): pushed

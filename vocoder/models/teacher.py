@@ -203,7 +203,7 @@ class Teacher(Vocoder):
 
     @torch.no_grad()
     def sample(self, mel: Tensor, z: Tensor | None = None, sigma: float = 1.0,
-               cuda_graph: bool | None = None) -> Tensor:
+               cuda_graph: bool | None = None, source: Tensor | None = None) -> Tensor:
         """Generate ``x [B, F * hop]`` from ``mel [B, n_mels, F]``, one sample at a time.
 
         ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
@@ -217,13 +217,14 @@ class Teacher(Vocoder):
         ``cuda_graph`` (default: on for CUDA inputs) records one chunk's kernel sequence as a
         CUDA graph and replays it for every chunk (see :class:`_SamplingChunks`); the graph
         is kept for further calls with the same batch, device, dtype and unchanged weights.
+        With excitation, ``source [B, 3, F * hop]`` replaces the mel's own.
         """
         mel = mel.to(next(self.wavenet.parameters()))
         noise = self.noise(mel, z)
         batch, length = noise.shape
         cond = self._conditioning(mel, length)
-        source = self.source(mel)
-        if source is not None:
+        if self.excitation is not None:
+            source = self.source(mel) if source is None else source.to(noise)
             source = source.permute(2, 0, 1).contiguous()  # time-major [T, B, 3]
         if cuda_graph is None:
             cuda_graph = mel.is_cuda
@@ -275,10 +276,11 @@ class Teacher(Vocoder):
         return x
 
     def synthesize(self, mel: Tensor, sigma: float | None = None,
-                   z: Tensor | None = None) -> Tensor:
+                   z: Tensor | None = None, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> audio ``[B, F * hop]`` from noise ``z`` (drawn when
-        ``None``) times ``sigma`` (default 1.0), by cached sampling."""
-        return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma)
+        ``None``) times ``sigma`` (default 1.0), by cached sampling (with excitation, given
+        ``source``: by default the mel's)."""
+        return self.sample(mel, z=z, sigma=1.0 if sigma is None else sigma, source=source)
 
     def stream(self, sigma: float | None = None) -> TeacherStream:
         """Exact streaming synthesis (:class:`~vocoder.models.streams.TeacherStream`): the

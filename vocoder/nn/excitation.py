@@ -295,6 +295,32 @@ class Excitation(nn.Module):
         return source, loss
 
 
+class SourcePieces:
+    """The synthesis source of frame ranges ``[lo, hi)`` of one long ``mel [B, n_mels, F]``,
+    asked for with non-decreasing ``lo``: each piece equals that range of
+    :meth:`Excitation.from_mel` of the whole mel (its phase runs on from the utterance's start),
+    while only windows of frames around the range are ever read. For synthesis in overlapping
+    chunks (:func:`~vocoder.synthesis.synthesize_long`)."""
+
+    def __init__(self, excitation: Excitation, mel: Tensor):
+        self.excitation, self.mel = excitation, mel
+        self.context = excitation.stream_lookahead_frames + 1
+        self.done, self.phase = 0, None
+
+    def _window(self, lo: int, hi: int, phase: Tensor | None) -> tuple[Tensor, Tensor]:
+        first, last = max(0, lo - self.context), min(self.mel.shape[-1], hi + self.context)
+        return self.excitation.from_mel_frames(self.mel[..., first:last], lo - first,
+                                               hi - first, phase)
+
+    def __call__(self, lo: int, hi: int) -> Tensor:
+        if lo < self.done:
+            raise ValueError(f"pieces must come in order: {lo} after {self.done}")
+        if lo > self.done:  # run the phase on to the piece's start
+            self.phase = self._window(self.done, lo, self.phase)[1]
+            self.done = lo
+        return self._window(lo, hi, self.phase)[0]
+
+
 def make_excitation(spec, n_mels: int, hop_length: int) -> Excitation | None:
     """The :class:`Excitation` an architecture keyword asks for: ``None``/``False`` for none,
     else a dict of its keywords (``sample_rate`` required; :func:`~vocoder.models.
