@@ -43,6 +43,9 @@ def test_estimate_f0_finds_a_gliding_pitch_and_calls_silence_unvoiced():
     cents = 1200 * np.abs(np.log2(est[0, inside].numpy() / truth[inside]))
     assert voiced[0, inside].all() and cents.max() < 25
     assert not voiced[0, :8].any() and (est[0, :8] == 0).all()
+    # A clip shorter than the analysis window (one frame at 48 kHz) is analysed, not refused.
+    short, short_voiced = estimate_f0(torch.randn(1, 600), 48000, 600, 1)
+    assert short.shape == short_voiced.shape == (1, 1)
 
 
 def test_estimate_f0_agrees_with_the_demo_corpus_true_contour():

@@ -82,7 +82,9 @@ def estimate_f0(audio: Tensor, sample_rate: int, hop: int, frames: int,
     # The integration window is centred on the frame; the lags reach past it to the right.
     pad = window // 2 + 1
     right = max(pad, (frames - 1) * hop + span - window // 2 - audio.shape[-1] + 1)
-    padded = F.pad(audio.unsqueeze(1), (pad, right), mode="reflect").squeeze(1)
+    # Reflection needs the padding shorter than the signal (a very short clip gets zeros).
+    mode = "reflect" if max(pad, right) < audio.shape[-1] else "constant"
+    padded = F.pad(audio.unsqueeze(1), (pad, right), mode=mode).squeeze(1)
     starts = torch.arange(frames, device=audio.device) * hop + pad - window // 2
     index = starts[:, None] + torch.arange(span, device=audio.device)
     x = padded[:, index]  # [B, frames, span]
