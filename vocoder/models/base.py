@@ -33,6 +33,9 @@ class Vocoder(nn.Module):
         #: :func:`~vocoder.models.build_model` and :func:`~vocoder.models.load_model` (``None``
         #: for a model built from its class alone). Its buffers are not in the state dict.
         self.features = None
+        #: The :class:`~vocoder.nn.excitation.Excitation` of a model that reads an excitation
+        #: source (set by the subclass from its ``excitation`` keyword), else ``None``.
+        self.excitation = None
 
     def check_mel_shape(self, mel: Tensor, length: int) -> None:
         """Raise ``ValueError`` unless ``mel`` is ``[B, n_mels, length // hop_length]``."""
@@ -58,6 +61,15 @@ class Vocoder(nn.Module):
         standard normal latent noise (drawn when ``None``; given, the result is
         deterministic), scaled by ``sigma`` (``None`` means the model's default)."""
         raise NotImplementedError
+
+    def source(self, mel: Tensor) -> Tensor | None:
+        """The excitation source ``[B, 3, F * hop]`` that ``mel [B, n_mels, F]`` implies (no
+        gradient; :meth:`~vocoder.nn.excitation.Excitation.from_mel`), or ``None`` for a model
+        without one."""
+        if self.excitation is None:
+            return None
+        with torch.no_grad():
+            return self.excitation.from_mel(mel.to(next(self.excitation.parameters())))
 
     def noise(self, mel: Tensor, z: Tensor | None = None) -> Tensor:
         """The latent noise for ``mel [B, n_mels, F]``: ``z`` checked to be ``[B, F * hop]``, or

@@ -100,7 +100,7 @@ class _CausalStream(SynthesisStream):
 
     def __init__(self, model, sigma: float):
         super().__init__(model, sigma)
-        excitation = getattr(model, "excitation", None)
+        excitation = model.excitation
         self.conditioning = ConditioningStream(
             model.upsampler, 0 if excitation is None else excitation.stream_lookahead_frames)
         self.lookahead_frames = self.conditioning.lookahead_frames
@@ -114,7 +114,7 @@ class _CausalStream(SynthesisStream):
 
     def _source(self, taken: tuple[Tensor, int, int]) -> Tensor | None:
         """The excitation source ``[B, 3, n]`` of the frames taken (``None`` without one)."""
-        excitation = getattr(self.model, "excitation", None)
+        excitation = self.model.excitation
         if excitation is None:
             return None
         window, a, b = taken
@@ -196,7 +196,7 @@ class ChunkedStream(SynthesisStream):
         # With excitation: the source of the frames that are final (its phase runs on from
         # the start of the utterance), kept from `_offset` on like the mel; each window reads
         # it and continues it provisionally over the frames not yet final.
-        self._excitation = getattr(model, "excitation", None)
+        self._excitation = model.excitation
         if self._excitation is not None:
             self._frames = ConditioningStream(None, self._excitation.stream_lookahead_frames)
             self._source: Tensor | None = None  # frames `_source_start` .. final

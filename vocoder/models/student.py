@@ -141,14 +141,6 @@ class Student(Vocoder):
         log_sigma_tot = log_sigma_tot + log_sigma
         return torch.addcmul(mu_tot, torch.exp(log_sigma_tot), z), mu_tot, log_sigma_tot
 
-    def source(self, mel: Tensor) -> Tensor | None:
-        """The excitation source ``[B, 3, F * hop]`` the mel implies (no gradient), or
-        ``None`` for a student without excitation."""
-        if self.excitation is None:
-            return None
-        with torch.no_grad():
-            return self.excitation.from_mel(mel)
-
     def forward(self, z: Tensor, mel: Tensor,
                 source: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``z [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(x, mu_tot, log_sigma_tot)``, each

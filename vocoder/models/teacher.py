@@ -126,14 +126,6 @@ class Teacher(Vocoder):
         self.check_mel_shape(mel, length)
         return self.upsampler(mel)
 
-    def source(self, mel: Tensor) -> Tensor | None:
-        """The excitation source ``[B, 3, F * hop]`` the mel implies (no gradient), or
-        ``None`` for a teacher without excitation."""
-        if self.excitation is None:
-            return None
-        with torch.no_grad():
-            return self.excitation.from_mel(mel)
-
     def forward(self, x: Tensor, mel: Tensor,
                 source: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(mu, log_sigma)``, each ``[B, T]``.

@@ -121,14 +121,6 @@ class WaveGlow(Vocoder):
     def _dtype(self) -> torch.dtype:
         return self.upsample.weight.dtype
 
-    def source(self, mel: Tensor) -> Tensor | None:
-        """The excitation source ``[B, 3, F * hop]`` the mel implies (no gradient), or
-        ``None`` without excitation."""
-        if self.excitation is None:
-            return None
-        with torch.no_grad():
-            return self.excitation.from_mel(mel.to(self._dtype))
-
     def conditioning(self, mel: Tensor, n_samples: int, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> squeezed conditioning
         ``[B, n_mels * n_group, T / n_group]``; with excitation the squeezed ``source [B, 3,
