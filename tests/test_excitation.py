@@ -92,11 +92,13 @@ def test_phase_and_interpolation_in_pieces_equal_the_whole():
                                full[:, 3 * HOP:5 * HOP])
 
 
-def _model(kind: str, dtype=torch.float64):
+def _model(kind: str, dtype=torch.float64, harmonics: int = 1):
     """A debug-size model with excitation, weights moved off their initial values (a fresh
     student is an identity, a fresh predictor a constant)."""
     torch.manual_seed(0)
-    model = vocoder.build_model(kind, experiment="debug", excitation=True).to(dtype).eval()
+    excitation = True if harmonics == 1 else {"harmonics": harmonics}
+    model = vocoder.build_model(kind, experiment="debug", excitation=excitation)
+    model = model.to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -110,12 +112,18 @@ def _mel(model, frames: int, batch: int = 2) -> torch.Tensor:
     return torch.stack(mels)[..., :frames].to(dtype)
 
 
-def test_excitation_is_in_the_arch_and_survives_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("harmonics", [1, 4])
+def test_excitation_is_in_the_arch_and_survives_a_checkpoint(tmp_path, harmonics):
     from vocoder.checkpoint import make_checkpoint, save_checkpoint
 
-    model = _model("student", torch.float32)
+    model = _model("student", torch.float32, harmonics)
     arch = model.arch_config()
-    assert arch["excitation"]["sample_rate"] == SR and model.flows[0].in_channels == 4
+    assert arch["excitation"]["sample_rate"] == SR and arch["excitation"]["harmonics"] == harmonics
+    assert model.flows[0].in_channels == 2 + 2 * harmonics
+    # Checkpoints from before harmonics existed (no such keyword) have the 3-channel source.
+    legacy = {k: v for k, v in arch["excitation"].items() if k != "harmonics"}
+    assert vocoder.models.model_from_arch(
+        "student", model.n_mels, HOP, {**arch, "excitation": legacy}).flows[0].in_channels == 4
     assert vocoder.build_model("student", experiment="debug").arch_config()["excitation"] is None
     path = tmp_path / "s.pt"
     save_checkpoint(make_checkpoint(model, model.features.config.to_dict()), path)
@@ -124,11 +132,37 @@ def test_excitation_is_in_the_arch_and_survives_a_checkpoint(tmp_path):
     torch.testing.assert_close(loaded.synthesize(mel, z=z), model.synthesize(mel, z=z))
 
 
-def test_teacher_with_excitation_is_causal_and_samples_exactly():
-    model = _model("teacher")
+def test_source_signal_carries_harmonics_of_the_phase_faded_below_nyquist():
+    from vocoder.nn.excitation import source_channels, source_signal
+
+    phase = torch.rand(2, 50, dtype=torch.float64) * 2 * math.pi
+    voicing = torch.rand(2, 50, dtype=torch.float64)
+    plain = torch.stack([voicing * torch.sin(phase), voicing * torch.cos(phase), voicing], 1)
+    assert torch.equal(source_signal(phase, voicing), plain)
+    with pytest.raises(ValueError, match="f0"):
+        source_signal(phase, voicing, harmonics=2)
+    # At 100 Hz (22.05 kHz) harmonics 1-4 pass whole; the voicing channel stays last.
+    low = source_signal(phase, voicing, 4, torch.full_like(phase, 100.0), SR)
+    assert low.shape == (2, source_channels(4), 50) == (2, 9, 50)
+    for k in range(1, 5):
+        torch.testing.assert_close(low[:, 2 * k - 2], voicing * torch.sin(k * phase))
+        torch.testing.assert_close(low[:, 2 * k - 1], voicing * torch.cos(k * phase))
+    assert torch.equal(low[:, -1], voicing)
+    # Harmonic 3 of f0 = 0.15 sr sits at 0.45 sr: half gain; harmonic 4 (0.6 sr) is silent.
+    high = source_signal(phase, voicing, 4, torch.full_like(phase, 0.15 * SR), SR)
+    torch.testing.assert_close(high[:, 4], 0.5 * voicing * torch.sin(3 * phase))
+    assert torch.equal(high[:, 6:8], torch.zeros_like(high[:, 6:8]))
+    torch.testing.assert_close(high[:, :2], low[:, :2])
+
+
+@pytest.mark.parametrize("harmonics", [1, 3])
+def test_teacher_with_excitation_is_causal_and_samples_exactly(harmonics):
+    model = _model("teacher", harmonics=harmonics)
     mel = _mel(model, 3)
     source = model.source(mel)
-    assert source.shape == (2, 3, 3 * HOP) and source[:, 2].min() > 0.1  # not silent
+    channels = 2 * harmonics + 1
+    assert model.wavenet.in_channels == 1 + channels
+    assert source.shape == (2, channels, 3 * HOP) and source[:, -1].min() > 0.1  # not silent
     x = 0.1 * torch.randn(2, 3 * HOP, dtype=torch.float64)
     mu, log_sigma = model(x, mel)
     changed = x.clone()
@@ -147,8 +181,9 @@ def test_teacher_with_excitation_is_causal_and_samples_exactly():
     assert not torch.allclose(model.synthesize(mel[..., :2], z=z, source=-given), sampled)
 
 
-def test_student_with_excitation_is_causal_and_its_baked_form_equals_the_module():
-    model = _model("student")
+@pytest.mark.parametrize("harmonics", [1, 3])
+def test_student_with_excitation_is_causal_and_its_baked_form_equals_the_module(harmonics):
+    model = _model("student", harmonics=harmonics)
     mel, z = _mel(model, 5), torch.randn(2, 5 * HOP, dtype=torch.float64)
     with torch.no_grad():
         x, mu, _ = model(z, mel)
@@ -159,9 +194,9 @@ def test_student_with_excitation_is_causal_and_its_baked_form_equals_the_module(
     torch.testing.assert_close(model.synthesize(mel, z=z), x, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["student", "teacher"])
-def test_streams_with_excitation_equal_whole_synthesis(kind):
-    model = _model(kind, torch.float32)
+@pytest.mark.parametrize("kind,harmonics", [("student", 1), ("teacher", 1), ("student", 3)])
+def test_streams_with_excitation_equal_whole_synthesis(kind, harmonics):
+    model = _model(kind, torch.float32, harmonics)
     frames = 9 if kind == "student" else 6
     mel, z = _mel(model, frames), torch.randn(2, frames * HOP)
     whole = model.synthesize(mel, sigma=0.8, z=z)

@@ -63,7 +63,7 @@ class Vocoder(nn.Module):
         raise NotImplementedError
 
     def source(self, mel: Tensor) -> Tensor | None:
-        """The excitation source ``[B, 3, F * hop]`` that ``mel [B, n_mels, F]`` implies (no
+        """The excitation source ``[B, K, F * hop]`` that ``mel [B, n_mels, F]`` implies (no
         gradient; :meth:`~vocoder.nn.excitation.Excitation.from_mel`), or ``None`` for a model
         without one."""
         if self.excitation is None:

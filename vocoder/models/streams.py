@@ -113,7 +113,7 @@ class _CausalStream(SynthesisStream):
         return self._run(self.conditioning.flush_frames())
 
     def _source(self, taken: tuple[Tensor, int, int]) -> Tensor | None:
-        """The excitation source ``[B, 3, n]`` of the frames taken (``None`` without one)."""
+        """The excitation source ``[B, K, n]`` of the frames taken (``None`` without one)."""
         excitation = self.model.excitation
         if excitation is None:
             return None
@@ -170,7 +170,7 @@ class TeacherStream(_CausalStream):
         noise = z.t().contiguous().unsqueeze(-1)  # time-major [n, B, 1]
         x = torch.empty_like(noise)
         if source is not None:
-            source = source.permute(2, 0, 1).contiguous()  # time-major [n, B, 3]
+            source = source.permute(2, 0, 1).contiguous()  # time-major [n, B, K]
         for begin in range(0, noise.shape[0], chunks.steps):
             end = min(begin + chunks.steps, noise.shape[0])
             chunks.run(cond[:, :, begin:end], noise[begin:end], x[begin:end],

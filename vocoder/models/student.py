@@ -30,7 +30,7 @@ from vocoder.losses import standard_normal_log_prob
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import StudentStream
 from vocoder.nn.baking import bake_wavenet
-from vocoder.nn.excitation import SOURCE_CHANNELS, make_excitation
+from vocoder.nn.excitation import make_excitation
 from vocoder.nn.parallel import ParallelStack, ParallelWork
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
 
@@ -84,7 +84,7 @@ class Student(Vocoder):
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
         self.excitation = make_excitation(excitation, n_mels, hop_length)
-        n_source = SOURCE_CHANNELS if self.excitation else 0
+        n_source = self.excitation.source_channels if self.excitation else 0
         self.flows = nn.ModuleList(
             WaveNetStack(
                 in_channels=1 + n_source, out_channels=2, n_layers=n, cycle_length=cycle_length,
@@ -147,7 +147,7 @@ class Student(Vocoder):
         ``[B, T]``, with ``x = mu_tot + exp(log_sigma_tot) * z``.
 
         ``mu_tot[:, t]`` and ``log_sigma_tot[:, t]`` depend only on ``z[:, :t]`` and the mel
-        (with excitation, also on ``source [B, 3, T]``, by default :meth:`source` of the mel).
+        (with excitation, also on ``source [B, K, T]``, by default :meth:`source` of the mel).
         Each flow's output is kept in ``z``'s dtype, so under autocast the WaveNets run in low
         precision while the composition of the flows stays in float32.
         """
@@ -183,7 +183,7 @@ class Student(Vocoder):
         ``z [B, F * hop]`` is the noise (drawn when ``None``; given, the result is
         deterministic), scaled by the temperature ``sigma``. The result is :meth:`forward`'s
         ``x`` up to rounding, computed by the baked flows
-        (:class:`~vocoder.nn.parallel.ParallelStack`). With excitation, ``source [B, 3,
+        (:class:`~vocoder.nn.parallel.ParallelStack`). With excitation, ``source [B, K,
         F * hop]`` replaces the mel's own (a piece of a longer utterance's, say).
         """
         # Inference mode is a little faster eagerly (no version counters); torch.compile cannot

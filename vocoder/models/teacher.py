@@ -22,7 +22,7 @@ from vocoder.losses import QUANTISATION_STEP, dequantise, gaussian_log_prob
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import TeacherStream
 from vocoder.nn.baking import bake_wavenet
-from vocoder.nn.excitation import SOURCE_CHANNELS, make_excitation
+from vocoder.nn.excitation import make_excitation
 from vocoder.nn.incremental import IncrementalStack
 from vocoder.nn.wavenet import MelUpsampler, WaveNetStack
 
@@ -95,8 +95,9 @@ class Teacher(Vocoder):
         self.upsampler = MelUpsampler(n_mels, hop_length, cond_channels, upsample_scales,
                                       frame_context)
         self.excitation = make_excitation(excitation, n_mels, hop_length)
+        n_source = self.excitation.source_channels if self.excitation else 0
         self.wavenet = WaveNetStack(
-            in_channels=1 + (SOURCE_CHANNELS if self.excitation else 0), out_channels=2,
+            in_channels=1 + n_source, out_channels=2,
             n_layers=n_layers, cycle_length=cycle_length,
             residual_channels=residual_channels, gate_channels=gate_channels,
             skip_channels=skip_channels, kernel_size=kernel_size, cond_channels=cond_channels,
@@ -131,7 +132,7 @@ class Teacher(Vocoder):
         """``x [B, T]``, ``mel [B, n_mels, T // hop]`` -> ``(mu, log_sigma)``, each ``[B, T]``.
 
         Position ``t`` sees ``x[:, :t]`` (the network reads ``x`` shifted right by one, zero
-        first) and the mel; with excitation also ``source [B, 3, T]`` up to ``t``
+        first) and the mel; with excitation also ``source [B, K, T]`` up to ``t``
         (default: :meth:`source` of the mel). ``log_sigma`` is clamped at ``log_sigma_min`` with
         ``torch.clamp``: below the floor its gradient is zero, so the floor cannot be pushed
         through while the mean keeps learning.
@@ -209,7 +210,7 @@ class Teacher(Vocoder):
         ``cuda_graph`` (default: on for CUDA inputs) records one chunk's kernel sequence as a
         CUDA graph and replays it for every chunk (see :class:`_SamplingChunks`); the graph
         is kept for further calls with the same batch, device, dtype and unchanged weights.
-        With excitation, ``source [B, 3, F * hop]`` replaces the mel's own.
+        With excitation, ``source [B, K, F * hop]`` replaces the mel's own.
         """
         mel = mel.to(next(self.wavenet.parameters()))
         noise = self.noise(mel, z)
@@ -217,7 +218,7 @@ class Teacher(Vocoder):
         cond = self._conditioning(mel, length)
         if self.excitation is not None:
             source = self.source(mel) if source is None else source.to(noise)
-            source = source.permute(2, 0, 1).contiguous()  # time-major [T, B, 3]
+            source = source.permute(2, 0, 1).contiguous()  # time-major [T, B, K]
         if cuda_graph is None:
             cuda_graph = mel.is_cuda
         if cuda_graph and not mel.is_cuda:
@@ -386,7 +387,7 @@ class _SamplingChunks:
     def run(self, cond: Tensor, noise: Tensor, x: Tensor, source: Tensor | None = None) -> None:
         """The next chunk: ``cond [B, C_cond, n]`` upsampled mel, ``noise [n, B, 1]``, output
         into ``x [n, B, 1]``, ``n <= steps`` (shorter only for the last chunk); ``source
-        [n, B, 3]`` (time-major) for a teacher with excitation."""
+        [n, B, K]`` (time-major) for a teacher with excitation."""
         n = noise.shape[0]
         if (source is None) != (self.inputs is None):
             raise ValueError("source must be given exactly when the teacher has excitation")

@@ -33,7 +33,7 @@ from vocoder.flows.invconv import INVCONVS, make_invconv
 from vocoder.losses import QUANTISATION_STEP, dequantise
 from vocoder.models.base import Vocoder
 from vocoder.models.streams import ChunkedStream
-from vocoder.nn.excitation import SOURCE_CHANNELS, make_excitation
+from vocoder.nn.excitation import make_excitation
 
 
 class WaveGlow(Vocoder):
@@ -90,7 +90,8 @@ class WaveGlow(Vocoder):
 
         self.upsample = nn.ConvTranspose1d(n_mels, n_mels, upsample_kernel, stride=hop_length)
         self.excitation = make_excitation(excitation, n_mels, hop_length)
-        cond_channels = (n_mels + (SOURCE_CHANNELS if self.excitation else 0)) * n_group
+        cond_channels = ((n_mels + (self.excitation.source_channels if self.excitation else 0))
+                         * n_group)
         self.invconvs = nn.ModuleList(make_invconv(invconv, c) for c in self.flow_channels)
         self.couplings = nn.ModuleList(
             AffineCoupling(c, cond_channels, n_layers, n_channels, kernel_size, weight_norm)
@@ -123,7 +124,7 @@ class WaveGlow(Vocoder):
 
     def conditioning(self, mel: Tensor, n_samples: int, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> squeezed conditioning
-        ``[B, n_mels * n_group, T / n_group]``; with excitation the squeezed ``source [B, 3,
+        ``[B, n_mels * n_group, T / n_group]``; with excitation the squeezed ``source [B, K,
         T]`` (default: the mel's) follows, ``[B, (n_mels + 3) * n_group, T / n_group]``."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")

@@ -10,7 +10,12 @@ can only echo pulses that its earlier flows made from noise (docs/QUALITY.md). G
 
     s_t = (v_t sin psi_t, v_t cos psi_t, v_t)        (K = 3 channels, v the voicing)
 
-tells every model when, and the network only has to learn the pulse's shape.
+tells every model when, and the network only has to learn the pulse's shape. With
+``harmonics = H > 1`` the source also carries ``v sin(k psi), v cos(k psi)`` for ``k = 2..H``
+(``K = 2 H + 1``; each harmonic faded out between 0.4 and 0.5 of the sample rate), so a
+network's first layer can form a sharp pulse at any offset from ``psi = 0`` as a weighted sum,
+instead of having to build the high harmonics of a glottal pulse from ``sin psi`` and
+``cos psi`` through its nonlinearities.
 
 Where ``psi`` comes from:
 
@@ -34,8 +39,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-SOURCE_CHANNELS = 3
 
 
 def frames_to_samples(values: Tensor, hop: int, length: int, start: int = 0) -> Tensor:
@@ -169,10 +172,26 @@ def fundamental_phase(audio: Tensor, f0_samples: Tensor, sample_rate: int,
     return torch.remainder(phi + theta, 2 * math.pi)
 
 
-def source_signal(phase: Tensor, voicing: Tensor) -> Tensor:
-    """``(v sin psi, v cos psi, v)`` ``[B, 3, T]`` from ``phase [B, T]`` and ``voicing [B, T]``
-    (in [0, 1])."""
-    return torch.stack([voicing * torch.sin(phase), voicing * torch.cos(phase), voicing], dim=1)
+def source_channels(harmonics: int = 1) -> int:
+    """``K``, the channels of a source with ``harmonics`` harmonics: ``2 * harmonics + 1``."""
+    return 2 * harmonics + 1
+
+
+def source_signal(phase: Tensor, voicing: Tensor, harmonics: int = 1,
+                  f0: Tensor | None = None, sample_rate: float | None = None) -> Tensor:
+    """``(v sin psi, v cos psi, ..., v sin(H psi), v cos(H psi), v)`` ``[B, 2 H + 1, T]`` from
+    ``phase [B, T]``, ``voicing [B, T]`` (in [0, 1]) and ``H = harmonics``. For ``H > 1``,
+    ``f0 [B, T]`` (Hz) and ``sample_rate`` fade harmonic ``k`` linearly from 1 at
+    ``k f0 = 0.4 sr`` to 0 at ``0.5 sr``, so none aliases."""
+    channels = []
+    for k in range(1, harmonics + 1):
+        gain = voicing
+        if k > 1:
+            if f0 is None or sample_rate is None:
+                raise ValueError("harmonics above the first need f0 and sample_rate")
+            gain = voicing * ((0.5 * sample_rate - k * f0) / (0.1 * sample_rate)).clamp(0, 1)
+        channels += [gain * torch.sin(k * phase), gain * torch.cos(k * phase)]
+    return torch.stack(channels + [voicing], dim=1)
 
 
 class PitchPredictor(nn.Module):
@@ -227,16 +246,28 @@ class PitchPredictor(nn.Module):
 
 
 class Excitation(nn.Module):
-    """The source ``[B, 3, T]`` of a model (see the module docstring): from the audio in
-    training (:meth:`analyse`), from the mel at synthesis (:meth:`from_mel`); it owns the
-    :class:`PitchPredictor` and its loss."""
+    """The source ``[B, K, T]`` of a model (see the module docstring; ``K =``
+    :attr:`source_channels`): from the audio in training (:meth:`analyse`), from the mel at
+    synthesis (:meth:`from_mel`); it owns the :class:`PitchPredictor` and its loss."""
 
     def __init__(self, n_mels: int, sample_rate: int, hop_length: int, fmin: float = 50.0,
-                 fmax: float = 500.0, channels: int = 64, n_convs: int = 3):
+                 fmax: float = 500.0, channels: int = 64, n_convs: int = 3,
+                 harmonics: int = 1):
         super().__init__()
+        if int(harmonics) < 1:
+            raise ValueError(f"excitation harmonics must be at least 1, got {harmonics}")
         self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
         self.fmin, self.fmax = float(fmin), float(fmax)
+        self.harmonics = int(harmonics)
         self.predictor = PitchPredictor(n_mels, channels, n_convs, fmin, fmax)
+
+    @property
+    def source_channels(self) -> int:
+        """``K``: the source's channels, ``2 * harmonics + 1``."""
+        return source_channels(self.harmonics)
+
+    def _signal(self, phase: Tensor, voicing: Tensor, f0: Tensor) -> Tensor:
+        return source_signal(phase, voicing, self.harmonics, f0, self.sample_rate)
 
     @property
     def lookahead_frames(self) -> int:
@@ -244,7 +275,8 @@ class Excitation(nn.Module):
 
     def config(self) -> dict:
         return dict(sample_rate=self.sample_rate, fmin=self.fmin, fmax=self.fmax,
-                    channels=self.predictor.out.in_channels, n_convs=self.predictor.n_convs)
+                    channels=self.predictor.out.in_channels, n_convs=self.predictor.n_convs,
+                    harmonics=self.harmonics)
 
     @property
     def stream_lookahead_frames(self) -> int:
@@ -258,7 +290,7 @@ class Excitation(nn.Module):
         return torch.exp(log_f0).clamp(self.fmin, self.fmax), torch.sigmoid(logit)
 
     def from_mel(self, mel: Tensor) -> Tensor:
-        """The synthesis source ``[B, 3, F * hop]`` from ``mel [B, n_mels, F]``: predicted F0
+        """The synthesis source ``[B, K, F * hop]`` from ``mel [B, n_mels, F]``: predicted F0
         and voicing probability, phase integrated from 0."""
         return self.from_mel_frames(mel, 0, mel.shape[-1])[0]
 
@@ -266,7 +298,7 @@ class Excitation(nn.Module):
                         offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """:meth:`from_mel` for frames ``first .. last - 1`` of ``mel`` only, continuing the
         phase from ``offset`` (see :func:`integrate_phase`; ``None`` starts at 0): ``(source
-        [B, 3, (last - first) * hop], offset)``. A stream passes windows of frames whose
+        [B, K, (last - first) * hop], offset)``. A stream passes windows of frames whose
         predictions and interpolation do not reach the window's edges
         (:attr:`stream_lookahead_frames`); the pieces then equal :meth:`from_mel`."""
         hop = self.hop_length
@@ -274,18 +306,20 @@ class Excitation(nn.Module):
         length, start = (last - first) * hop, first * hop
         f0_samples = frames_to_samples(f0, hop, length, start)
         phase, offset = integrate_phase(f0_samples, self.sample_rate, offset)
-        return source_signal(phase, frames_to_samples(voicing, hop, length, start)), offset
+        return self._signal(phase, frames_to_samples(voicing, hop, length, start),
+                            f0_samples), offset
 
     def _analysis_source(self, audio: Tensor, f0: Tensor, voiced: Tensor) -> Tensor:
         length = audio.shape[-1]
         f0 = _fill_unvoiced(f0, voiced, math.sqrt(self.fmin * self.fmax))
         f0_samples = frames_to_samples(f0, self.hop_length, length)
         phase = fundamental_phase(audio, f0_samples, self.sample_rate, self.fmin)
-        return source_signal(phase, frames_to_samples(voiced, self.hop_length, length))
+        return self._signal(phase, frames_to_samples(voiced, self.hop_length, length),
+                            f0_samples)
 
     def analyse(self, audio: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
         """The training source of ``audio [B, T]`` (its own F0, voicing and fundamental phase;
-        no gradient) and the predictor's loss on the same contour: ``(source [B, 3, T],
+        no gradient) and the predictor's loss on the same contour: ``(source [B, K, T],
         loss)``, with the loss's metrics in ``self.last_metrics``."""
         frames = mel.shape[-1]
         with torch.no_grad():
