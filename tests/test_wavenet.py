@@ -15,6 +15,7 @@ from vocoder.nn.wavenet import (
     WaveNetStack,
     default_upsample_scales,
 )
+from vocoder.nn.weight_norm import conv_weight
 
 DTYPE = torch.float64
 
@@ -75,6 +76,17 @@ def test_zero_init_output_and_weight_norm_removal():
     stack.remove_weight_norm()  # idempotent
     assert not any("parametrizations" in name for name, _ in stack.named_parameters())
     torch.testing.assert_close(stack(x, cond), before)
+
+
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_input_init_gains_scale_the_first_layer_per_input_channel(weight_norm):
+    plain = tiny_stack(weight_norm=weight_norm)  # (tiny_stack seeds the generator)
+    scaled = tiny_stack(weight_norm=weight_norm, input_init_gains=[1.0, 0.25])
+    torch.testing.assert_close(conv_weight(scaled.input)[:, :1], conv_weight(plain.input)[:, :1])
+    torch.testing.assert_close(conv_weight(scaled.input)[:, 1:],
+                               0.25 * conv_weight(plain.input)[:, 1:])
+    with pytest.raises(ValueError, match="2 factors"):
+        tiny_stack(input_init_gains=[1.0])
 
 
 def test_stack_rejects_missing_conditioning():

@@ -97,14 +97,17 @@ class WaveNetStack(nn.Module):
     ``cond_channels=0`` the stack is unconditional and takes ``cond=None``.
 
     ``zero_init_output`` zeroes the last 1x1 so the stack starts by emitting zeros (flows then
-    start at the identity). ``weight_norm`` weight-normalises every convolution except that
-    zeroed one (a zero weight has no direction); :meth:`remove_weight_norm` bakes it away.
+    start at the identity). ``input_init_gains`` (one factor per input channel) scales the
+    first 1x1's initial weights, so a stack with many conditioning inputs beside its signal can
+    start with the signal's share of its first layer where a narrower one has it.
+    ``weight_norm`` weight-normalises every convolution except that zeroed one (a zero weight
+    has no direction); :meth:`remove_weight_norm` bakes it away.
     """
 
     def __init__(self, in_channels: int, out_channels: int, n_layers: int, cycle_length: int,
                  residual_channels: int, gate_channels: int, skip_channels: int,
                  kernel_size: int = 3, cond_channels: int = 0, weight_norm: bool = False,
-                 zero_init_output: bool = False):
+                 zero_init_output: bool = False, input_init_gains: list[float] | None = None):
         super().__init__()
         if n_layers < 1 or cycle_length < 1:
             raise ValueError("n_layers and cycle_length must be positive")
@@ -114,6 +117,12 @@ class WaveNetStack(nn.Module):
         self.cond_channels = cond_channels
         self.gate_channels = gate_channels
         self.input = nn.Conv1d(in_channels, residual_channels, 1)
+        if input_init_gains is not None:
+            if len(input_init_gains) != in_channels:
+                raise ValueError(f"input_init_gains needs {in_channels} factors, got "
+                                 f"{len(input_init_gains)}")
+            with torch.no_grad():
+                self.input.weight.mul_(torch.tensor(input_init_gains).view(1, -1, 1))
         self.cond = (nn.Conv1d(cond_channels, n_layers * gate_channels, 1, bias=False)
                      if cond_channels else None)
         self.blocks = nn.ModuleList(
