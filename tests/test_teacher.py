@@ -248,3 +248,34 @@ def test_preemphasis_is_a_unit_jacobian_layer_in_front_of_the_network():
     torch.testing.assert_close(mu_x - 0.9 * torch.nn.functional.pad(x, (1, -1)), mu_e)
     torch.testing.assert_close(emphasised.log_prob(x, mel), plain.log_prob(e, mel))
     assert emphasised.receptive_field == plain.receptive_field + 1
+
+
+def test_input_noise_corrupts_the_past_only_in_training():
+    # The network reads x + n as its past; the likelihood stays that of (dequantised) x.
+    from vocoder.losses import QUANTISATION_STEP, gaussian_log_prob
+
+    teacher = tiny_teacher(input_noise=0.01)
+    x, mel = random_inputs()
+    torch.manual_seed(5)
+    loss, metrics = teacher.training_loss(x, mel)
+    torch.manual_seed(5)  # the same dequantisation noise, then the same input noise
+    target = x + (torch.rand_like(x) - 0.5) * QUANTISATION_STEP
+    past = target + 0.01 * torch.randn_like(x)
+    mu, log_sigma = teacher(past, mel)
+    torch.testing.assert_close(loss, -gaussian_log_prob(target, mu, log_sigma).mean())
+    clean_mu, _ = teacher(target, mel)
+    assert not torch.allclose(mu, clean_mu)
+    # validation (eval mode) reads the clean past, like an identical model without the noise
+    plain = tiny_teacher()
+    teacher.eval(), plain.eval()
+    torch.manual_seed(5)
+    eval_loss, _ = teacher.training_loss(x, mel)
+    torch.manual_seed(5)
+    plain_loss, _ = plain.training_loss(x, mel)
+    torch.testing.assert_close(eval_loss, plain_loss)
+    assert teacher.arch_config()["input_noise"] == 0.01
+    assert "input_noise" not in plain.arch_config()  # old checkpoints' configs are unchanged
+    rebuilt = model_from_arch("teacher", N_MELS, HOP, teacher.arch_config())
+    assert rebuilt.input_noise == 0.01
+    with pytest.raises(ValueError, match="input_noise"):
+        tiny_teacher(input_noise=-1.0)

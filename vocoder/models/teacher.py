@@ -68,10 +68,16 @@ class Teacher(Vocoder):
       flattens the spectral tilt the network would otherwise have to model. 0 disables.
     * ``excitation``: ``None``, or the keywords of an :class:`~vocoder.nn.excitation.Excitation`
       (``sample_rate``, ``fmin``, ``fmax``, ...): the WaveNet then reads, beside ``x_<t``, the
-      source ``s_<=t [3]`` (the fundamental's phase as sine and cosine, and the voicing),
+      source ``s_<=t [K]`` (sine and cosine of the fundamental's phase and its harmonics, and
+      the voicing; ``K = excitation.source_channels``),
       taken from the audio in training and from the mel at synthesis, so that the mean can
       place each glottal pulse on the phase instead of inventing it. The source is
       conditioning: it never depends on ``x``, and the model stays an exact MAF.
+    * ``input_noise``: in training only, the network reads ``x + n`` with ``n ~ N(0,
+      input_noise^2)`` (audio units) as its past while the likelihood is still that of ``x``,
+      so that it learns to predict from a past as imperfect as its own samples are at
+      synthesis. 0 disables; validation (eval mode), sampling and :meth:`log_prob` never
+      add noise.
     """
 
     kind = "teacher"
@@ -82,8 +88,12 @@ class Teacher(Vocoder):
                  upsample_scales: Sequence[int] | None = None, frame_context: int = 1,
                  audio_scale: float = 0.1, log_sigma_min: float = -7.0,
                  weight_norm: bool = False, nll_beta: float = 0.0,
-                 preemphasis: float = 0.0, excitation: dict | None = None):
+                 preemphasis: float = 0.0, excitation: dict | None = None,
+                 input_noise: float = 0.0):
         super().__init__(n_mels, hop_length)
+        if not input_noise >= 0.0:
+            raise ValueError(f"input_noise must be >= 0, got {input_noise}")
+        self.input_noise = float(input_noise)
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
         if not 0.0 <= nll_beta <= 1.0:
@@ -114,6 +124,8 @@ class Teacher(Vocoder):
             nll_beta=self.nll_beta, preemphasis=self.preemphasis,
             excitation=self.excitation.config() if self.excitation else None,
         )
+        if self.input_noise:
+            self._arch["input_noise"] = self.input_noise
 
     def arch_config(self) -> dict:
         return dict(self._arch)
@@ -176,7 +188,9 @@ class Teacher(Vocoder):
         source, pitch_loss = None, None
         if self.excitation is not None:
             source, pitch_loss = self.excitation.analyse(audio, mel)
-        mu, log_sigma = self(x, mel, source)
+        noisy = self.input_noise and self.training
+        past = x + self.input_noise * torch.randn_like(x) if noisy else x
+        mu, log_sigma = self(past, mel, source)
         log_p = gaussian_log_prob(x, mu, log_sigma)
         nll = float(-log_p.detach().mean())
         if self.nll_beta:

@@ -44,7 +44,8 @@ class WaveGlow(Vocoder):
     the teacher's and student's WaveNets do; its log enters the log-determinant.
 
     ``excitation`` (``None``, or the keywords of an :class:`~vocoder.nn.excitation.Excitation`)
-    adds the excitation source ``[3, T]`` (the phase of the fundamental and the voicing),
+    adds the excitation source ``[K, T]`` (sin/cos of the fundamental's phase and of its
+    harmonics, and the voicing; ``K = excitation.source_channels``),
     squeezed like the mel, to every coupling's conditioning: the audio's own in training, the
     mel's at synthesis.
     """
@@ -125,7 +126,7 @@ class WaveGlow(Vocoder):
     def conditioning(self, mel: Tensor, n_samples: int, source: Tensor | None = None) -> Tensor:
         """``mel [B, n_mels, F]`` -> squeezed conditioning
         ``[B, n_mels * n_group, T / n_group]``; with excitation the squeezed ``source [B, K,
-        T]`` (default: the mel's) follows, ``[B, (n_mels + 3) * n_group, T / n_group]``."""
+        T]`` (default: the mel's) follows, ``[B, (n_mels + K) * n_group, T / n_group]``."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected a mel [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
         mel = mel.to(self._dtype)
