@@ -179,3 +179,21 @@ def test_html_report_takes_any_subset_of_models(tmp_path):
     assert (tmp_path / "report" / "mels" / "a" / "one.png").is_file()
     assert (tmp_path / "report" / "bench.png").is_file()
     assert "../a/one.wav" in text and text.count("missing") >= 3 and "3.5" in text
+
+
+def test_summary_pools_pitch_errors_over_frames_voiced_in_both():
+    from vocoder.evaluation import summarise
+
+    rows = [
+        dict(seconds=1.0, frames=10, voicing_error=0.1, voiced_both=8, f0_rmse_cents=30.0,
+             gross_errors=2, gross_pitch_error=0.25),
+        dict(seconds=1.0, frames=10, voicing_error=0.3, voiced_both=2, f0_rmse_cents=60.0,
+             gross_errors=0, gross_pitch_error=0.0),
+        dict(seconds=1.0, frames=10, voicing_error=1.0, voiced_both=0,
+             f0_rmse_cents=float("nan"), gross_errors=0, gross_pitch_error=float("nan")),
+    ]
+    mean = summarise(rows)
+    assert mean["voiced_both"] == 10 and mean["frames"] == 30
+    assert mean["gross_pitch_error"] == pytest.approx(2 / 10)  # not the mean of 0.25 and 0
+    assert mean["f0_rmse_cents"] == pytest.approx(((8 * 30**2 + 2 * 60**2) / 10) ** 0.5)
+    assert mean["voicing_error"] == pytest.approx(1.4 / 3)

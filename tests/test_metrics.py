@@ -87,6 +87,18 @@ def test_f0_metrics_octave_error_and_identity():
     octave = f0_metrics(ref, 2 * ref)
     assert octave["f0_rmse_cents"] == pytest.approx(1200.0)
     assert octave["voicing_error"] == 0.0
+    assert same["gross_pitch_error"] == 0.0 and octave["gross_pitch_error"] == 1.0
+
+
+def test_gross_pitch_error_counts_deviations_beyond_20_percent():
+    ref = np.array([100, 100, 100, 100, 100, 0], dtype=np.float32)
+    # +19% and -15% are fine; +21%, an octave down and 2.4x (formant ringing) are gross;
+    # the last frame is voiced only in the synthesis and does not count
+    syn = np.array([119, 85, 121, 50, 240, 300], dtype=np.float32)
+    result = f0_metrics(ref, syn)
+    assert result["voiced_both"] == 5 and result["gross_errors"] == 3
+    assert result["gross_pitch_error"] == pytest.approx(3 / 5)
+    assert math.isnan(f0_metrics(np.zeros(4), np.zeros(4))["gross_pitch_error"])
 
 
 def test_voicing_error_counts_disagreements():

@@ -26,8 +26,8 @@ import torch
 from vocoder.errors import InputError, VocoderError
 
 # Metrics printed per file and in the summary line.
-HEADLINE = ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "voicing_error", "periodicity",
-             "pesq_wb", "stoi", "teacher_nll")
+HEADLINE = ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "gross_pitch_error",
+            "voicing_error", "periodicity", "pesq_wb", "stoi", "teacher_nll")
 # Per-file keys averaged over files in "mean" (F0 RMSE and voicing error are pooled instead).
 _AVERAGED = ("log_mel_l1", "mr_stft", "mcd_db", "periodicity", "periodicity_reference",
              "pesq_wb", "stoi", "teacher_nll", "teacher_nll_reference")
@@ -41,6 +41,8 @@ DEFINITIONS = {
               "c = DCT-II / n_mels of the natural-log mel power (2 ln mel), c0 excluded",
     "f0_rmse_cents": "RMS of 1200 log2(f0_syn / f0_ref) over frames voiced in both; mean pools "
                      "all such frames of all files",
+    "gross_pitch_error": "fraction of the frames voiced in both whose F0 is off by more than "
+                         "20% (about 316 cents); mean pools all such frames of all files",
     "voicing_error": "fraction of frames whose voiced/unvoiced decision differs; mean pools "
                      "all frames",
     "periodicity": "normalised autocorrelation of the synthesis at the reference's pitch "
@@ -149,8 +151,9 @@ def _finite(value) -> bool:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Means over files: plain means of the per-file distances, F0 RMSE pooled over all frames
-    voiced in both, voicing error pooled over all frames, and synthesis speed."""
+    """Means over files: plain means of the per-file distances, F0 RMSE and gross pitch error
+    pooled over all frames voiced in both, voicing error pooled over all frames, and synthesis
+    speed."""
     mean: dict = {"files": len(rows), "seconds": sum(r["seconds"] for r in rows)}
     for key in _AVERAGED:
         values = [r[key] for r in rows if _finite(r.get(key))]
@@ -160,6 +163,8 @@ def summarise(rows: list[dict]) -> dict:
     squared = sum(r["f0_rmse_cents"] ** 2 * r["voiced_both"] for r in rows
                   if _finite(r["f0_rmse_cents"]))
     mean["f0_rmse_cents"] = math.sqrt(squared / voiced) if voiced else None
+    gross = sum(r.get("gross_errors", 0) for r in rows if _finite(r["f0_rmse_cents"]))
+    mean["gross_pitch_error"] = gross / voiced if voiced else None
     frames = sum(r["frames"] for r in rows)
     mean["voicing_error"] = (sum(r["voicing_error"] * r["frames"] for r in rows) / frames
                              if frames else None)

@@ -167,6 +167,11 @@ def estimate_f0(audio, sample_rate: int, hop_length: int, fmin: float = 50.0,
     return f0[: y.shape[-1] // hop_length + 1]
 
 
+# The usual gross pitch error threshold: a 20% deviation of F0 (Chu & Alwan and most pitch
+# tracking papers), in cents. Larger deviations either way count as gross.
+GROSS_PITCH_ERROR_CENTS = 1200.0 * math.log2(1.2)
+
+
 def f0_metrics(ref_f0, syn_f0) -> dict:
     """Pitch and voicing agreement of two F0 contours (Hz per frame, 0 = unvoiced).
 
@@ -175,6 +180,10 @@ def f0_metrics(ref_f0, syn_f0) -> dict:
     * ``f0_rmse_cents``: ``sqrt(mean((1200 log2(f_syn / f_ref))^2))`` over frames voiced in
       both (NaN when there are none); an octave error is 1200 cents;
     * ``voicing_error``: fraction of frames where exactly one of the two is voiced;
+    * ``gross_pitch_error``: fraction of the frames voiced in both whose F0 is off by more
+      than 20% (:data:`GROSS_PITCH_ERROR_CENTS`, about 316 cents either way: octave jumps,
+      formant ringing), NaN when there are none; ``gross_errors`` is their count. A few such
+      frames dominate an F0 RMSE; this says how many there are;
     * ``frames``, ``voiced_both``, ``voiced_ref``, ``voiced_syn``: frame counts.
     """
     ref_f0 = np.asarray(ref_f0, dtype=np.float64).reshape(-1)
@@ -187,10 +196,13 @@ def f0_metrics(ref_f0, syn_f0) -> dict:
     if both.any():
         cents = 1200.0 * np.log2(syn_f0[both] / ref_f0[both])
         rmse = float(np.sqrt(np.mean(cents ** 2)))
+        gross = int(np.sum(np.abs(cents) > GROSS_PITCH_ERROR_CENTS))
     else:
-        rmse = float("nan")
+        rmse, gross = float("nan"), 0
     return {
         "f0_rmse_cents": rmse,
+        "gross_pitch_error": gross / int(both.sum()) if both.any() else float("nan"),
+        "gross_errors": gross,
         "voicing_error": float(np.mean(ref_voiced != syn_voiced)) if length else float("nan"),
         "frames": int(length),
         "voiced_both": int(both.sum()),

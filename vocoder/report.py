@@ -31,6 +31,7 @@ METRIC_COLUMNS = (
     ("mr_stft", "MR-STFT"),
     ("mcd_db", "MCD (dB)"),
     ("f0_rmse_cents", "F0 RMSE (cents)"),
+    ("gross_pitch_error", "gross pitch error"),
     ("voicing_error", "voicing error"),
     ("periodicity", "periodicity (higher is better)"),
     ("pesq_wb", "PESQ wide-band (higher)"),
