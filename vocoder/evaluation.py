@@ -28,7 +28,8 @@ from vocoder.errors import InputError, VocoderError
 # Metrics printed per file and in the summary line.
 HEADLINE = ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "gross_pitch_error",
             "voicing_error", "periodicity", "pesq_wb", "stoi", "teacher_nll")
-# Per-file keys averaged over files in "mean" (F0 RMSE and voicing error are pooled instead).
+# Per-file keys averaged over files in "mean" (F0 RMSE, gross pitch error and voicing error
+# are pooled instead).
 _AVERAGED = ("log_mel_l1", "mr_stft", "mcd_db", "periodicity", "periodicity_reference",
              "pesq_wb", "stoi", "teacher_nll", "teacher_nll_reference")
 
@@ -163,7 +164,7 @@ def summarise(rows: list[dict]) -> dict:
     squared = sum(r["f0_rmse_cents"] ** 2 * r["voiced_both"] for r in rows
                   if _finite(r["f0_rmse_cents"]))
     mean["f0_rmse_cents"] = math.sqrt(squared / voiced) if voiced else None
-    gross = sum(r.get("gross_errors", 0) for r in rows if _finite(r["f0_rmse_cents"]))
+    gross = sum(r["gross_errors"] for r in rows if _finite(r["f0_rmse_cents"]))
     mean["gross_pitch_error"] = gross / voiced if voiced else None
     frames = sum(r["frames"] for r in rows)
     mean["voicing_error"] = (sum(r["voicing_error"] * r["frames"] for r in rows) / frames
