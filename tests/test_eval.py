@@ -186,14 +186,17 @@ def test_summary_pools_pitch_errors_over_frames_voiced_in_both():
 
     rows = [
         dict(seconds=1.0, frames=10, voicing_error=0.1, voiced_both=8, f0_rmse_cents=30.0,
-             gross_errors=2, gross_pitch_error=0.25),
+             gross_errors=2, gross_pitch_error=0.25, f0_rmse_fine_cents=10.0),
         dict(seconds=1.0, frames=10, voicing_error=0.3, voiced_both=2, f0_rmse_cents=60.0,
-             gross_errors=0, gross_pitch_error=0.0),
+             gross_errors=0, gross_pitch_error=0.0, f0_rmse_fine_cents=60.0),
         dict(seconds=1.0, frames=10, voicing_error=1.0, voiced_both=0,
-             f0_rmse_cents=float("nan"), gross_errors=0, gross_pitch_error=float("nan")),
+             f0_rmse_cents=float("nan"), gross_errors=0, gross_pitch_error=float("nan"),
+             f0_rmse_fine_cents=float("nan")),
     ]
     mean = summarise(rows)
     assert mean["voiced_both"] == 10 and mean["frames"] == 30
     assert mean["gross_pitch_error"] == pytest.approx(2 / 10)  # not the mean of 0.25 and 0
     assert mean["f0_rmse_cents"] == pytest.approx(((8 * 30**2 + 2 * 60**2) / 10) ** 0.5)
+    # the fine RMSE pools the 6 + 2 frames that are not gross errors
+    assert mean["f0_rmse_fine_cents"] == pytest.approx(((6 * 10**2 + 2 * 60**2) / 8) ** 0.5)
     assert mean["voicing_error"] == pytest.approx(1.4 / 3)

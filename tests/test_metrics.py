@@ -98,7 +98,12 @@ def test_gross_pitch_error_counts_deviations_beyond_20_percent():
     result = f0_metrics(ref, syn)
     assert result["voiced_both"] == 5 and result["gross_errors"] == 3
     assert result["gross_pitch_error"] == pytest.approx(3 / 5)
+    # the fine RMSE is that of the two frames within 20% only
+    fine = 1200 * np.log2(np.array([1.19, 0.85]))
+    assert result["f0_rmse_fine_cents"] == pytest.approx(np.sqrt(np.mean(fine ** 2)), rel=1e-5)
+    assert result["f0_rmse_cents"] > 2 * result["f0_rmse_fine_cents"]
     assert math.isnan(f0_metrics(np.zeros(4), np.zeros(4))["gross_pitch_error"])
+    assert math.isnan(f0_metrics(ref, 2 * ref)["f0_rmse_fine_cents"])  # all gross
 
 
 def test_voicing_error_counts_disagreements():

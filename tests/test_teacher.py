@@ -279,3 +279,26 @@ def test_input_noise_corrupts_the_past_only_in_training():
     assert rebuilt.input_noise == 0.01
     with pytest.raises(ValueError, match="input_noise"):
         tiny_teacher(input_noise=-1.0)
+
+
+def test_input_noise_stops_at_its_share_of_training():
+    # Before the cut-off the past is noisy; from it on, training reads the clean past exactly as
+    # a teacher without noise does.
+    teacher = tiny_teacher(input_noise=0.01, input_noise_until=0.5)
+    plain = tiny_teacher()
+    x, mel = random_inputs()
+
+    def loss(model):
+        torch.manual_seed(5)
+        return model.training_loss(x, mel)[0]
+
+    teacher.set_training_progress(4, 10)
+    assert not torch.allclose(loss(teacher), loss(plain))
+    teacher.set_training_progress(5, 10)
+    torch.testing.assert_close(loss(teacher), loss(plain))
+    assert teacher.arch_config()["input_noise_until"] == 0.5
+    assert "input_noise_until" not in tiny_teacher(input_noise=0.01).arch_config()
+    rebuilt = model_from_arch("teacher", N_MELS, HOP, teacher.arch_config())
+    assert rebuilt.input_noise_until == 0.5
+    with pytest.raises(ValueError, match="input_noise_until"):
+        tiny_teacher(input_noise_until=1.5)

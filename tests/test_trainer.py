@@ -366,3 +366,23 @@ def test_pitch_is_measured_during_training(tmp_path, cache_dir):
     assert 0.0 <= pitch["pitch_voicing_error"] <= 1.0
     # the teacher's NLL split by voicing (a short middle segment may hold no unvoiced frame)
     assert math.isfinite(pitch["nll_voiced"]) and "nll_unvoiced" in pitch
+
+
+def test_trainer_tells_the_model_its_progress_before_each_step(tmp_path, cache_dir):
+    # The teacher's input-noise cut-off reads the share of training done from this call.
+    t = _trainer(tmp_path, cache_dir, "trainer.max_steps=4", "trainer.val_every=100",
+                 "trainer.ckpt_every=100", "+arch.teacher.input_noise=0.01",
+                 "+arch.teacher.input_noise_until=0.5")
+    seen = []
+    original = t.model.set_training_progress
+
+    def record(step, max_steps):
+        seen.append((step, max_steps))
+        original(step, max_steps)
+
+    t.model.set_training_progress = record
+    t.fit()
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert t.model._noise_now() == 0.0  # 3/4 >= 0.5: past the cut-off
+    t.model.set_training_progress(1, 4)
+    assert t.model._noise_now() == 0.01

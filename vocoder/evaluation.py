@@ -27,9 +27,9 @@ from vocoder.errors import InputError, VocoderError
 
 # Metrics printed per file and in the summary line.
 HEADLINE = ("log_mel_l1", "mr_stft", "mcd_db", "f0_rmse_cents", "gross_pitch_error",
-            "voicing_error", "periodicity", "pesq_wb", "stoi", "teacher_nll")
-# Per-file keys averaged over files in "mean" (F0 RMSE, gross pitch error and voicing error
-# are pooled instead).
+            "f0_rmse_fine_cents", "voicing_error", "periodicity", "pesq_wb", "stoi", "teacher_nll")
+# Per-file keys averaged over files in "mean" (the F0 RMSEs, gross pitch error and voicing
+# error are pooled instead).
 _AVERAGED = ("log_mel_l1", "mr_stft", "mcd_db", "periodicity", "periodicity_reference",
              "pesq_wb", "stoi", "teacher_nll", "teacher_nll_reference")
 
@@ -44,6 +44,8 @@ DEFINITIONS = {
                      "all such frames of all files",
     "gross_pitch_error": "fraction of the frames voiced in both whose F0 is off by more than "
                          "20% (about 316 cents); mean pools all such frames of all files",
+    "f0_rmse_fine_cents": "F0 RMSE over the frames voiced in both that are not gross pitch "
+                          "errors (within 20%); mean pools all such frames of all files",
     "voicing_error": "fraction of frames whose voiced/unvoiced decision differs; mean pools "
                      "all frames",
     "periodicity": "normalised autocorrelation of the synthesis at the reference's pitch "
@@ -152,8 +154,8 @@ def _finite(value) -> bool:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Means over files: plain means of the per-file distances, F0 RMSE and gross pitch error
-    pooled over all frames voiced in both, voicing error pooled over all frames, and synthesis
+    """Means over files: plain means of the per-file distances, the F0 RMSEs and gross pitch
+    error pooled over all frames voiced in both, voicing error pooled over all frames, and synthesis
     speed."""
     mean: dict = {"files": len(rows), "seconds": sum(r["seconds"] for r in rows)}
     for key in _AVERAGED:
@@ -166,6 +168,11 @@ def summarise(rows: list[dict]) -> dict:
     mean["f0_rmse_cents"] = math.sqrt(squared / voiced) if voiced else None
     gross = sum(r["gross_errors"] for r in rows if _finite(r["f0_rmse_cents"]))
     mean["gross_pitch_error"] = gross / voiced if voiced else None
+    fine = [(r["f0_rmse_fine_cents"], r["voiced_both"] - r["gross_errors"]) for r in rows
+            if _finite(r.get("f0_rmse_fine_cents"))]
+    fine_frames = sum(n for _, n in fine)
+    mean["f0_rmse_fine_cents"] = (math.sqrt(sum(v ** 2 * n for v, n in fine) / fine_frames)
+                                  if fine_frames else None)
     frames = sum(r["frames"] for r in rows)
     mean["voicing_error"] = (sum(r["voicing_error"] * r["frames"] for r in rows) / frames
                              if frames else None)

@@ -184,6 +184,8 @@ def f0_metrics(ref_f0, syn_f0) -> dict:
       than 20% (:data:`GROSS_PITCH_ERROR_CENTS`, about 316 cents either way: octave jumps,
       formant ringing), NaN when there are none; ``gross_errors`` is their count. A few such
       frames dominate an F0 RMSE; this says how many there are;
+    * ``f0_rmse_fine_cents``: the F0 RMSE over the other frames voiced in both (those within
+      20%), NaN when there are none: how close the pitch is where it is not grossly wrong;
     * ``frames``, ``voiced_both``, ``voiced_ref``, ``voiced_syn``: frame counts.
     """
     ref_f0 = np.asarray(ref_f0, dtype=np.float64).reshape(-1)
@@ -196,13 +198,16 @@ def f0_metrics(ref_f0, syn_f0) -> dict:
     if both.any():
         cents = 1200.0 * np.log2(syn_f0[both] / ref_f0[both])
         rmse = float(np.sqrt(np.mean(cents ** 2)))
-        gross = int(np.sum(np.abs(cents) > GROSS_PITCH_ERROR_CENTS))
+        is_gross = np.abs(cents) > GROSS_PITCH_ERROR_CENTS
+        gross = int(np.sum(is_gross))
+        fine = float(np.sqrt(np.mean(cents[~is_gross] ** 2))) if gross < cents.size else math.nan
     else:
-        rmse, gross = float("nan"), 0
+        rmse, gross, fine = float("nan"), 0, float("nan")
     return {
         "f0_rmse_cents": rmse,
         "gross_pitch_error": gross / int(both.sum()) if both.any() else float("nan"),
         "gross_errors": gross,
+        "f0_rmse_fine_cents": fine,
         "voicing_error": float(np.mean(ref_voiced != syn_voiced)) if length else float("nan"),
         "frames": int(length),
         "voiced_both": int(both.sum()),

@@ -32,6 +32,7 @@ METRIC_COLUMNS = (
     ("mcd_db", "MCD (dB)"),
     ("f0_rmse_cents", "F0 RMSE (cents)"),
     ("gross_pitch_error", "gross pitch error"),
+    ("f0_rmse_fine_cents", "F0 RMSE without gross errors (cents)"),
     ("voicing_error", "voicing error"),
     ("periodicity", "periodicity (higher is better)"),
     ("pesq_wb", "PESQ wide-band (higher)"),

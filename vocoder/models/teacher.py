@@ -80,6 +80,11 @@ class Teacher(Vocoder):
       add noise. Measured on the demo corpus (docs/QUALITY.md, session 11): 0.002-0.003
       improve the teacher's own samples, but its sigma grows and the student distilled from
       it is noisier (MR-STFT +0.09 per 0.001), so every preset leaves it off.
+    * ``input_noise_until``: the share of training (``trainer.max_steps``) during which
+      ``input_noise`` is applied; after it the teacher trains on its clean past, so that the
+      noisy start shapes what it learns and a clean end sharpens its sigma again for
+      distillation. 1 (default) keeps the noise to the end. The trainer reports progress
+      through :meth:`set_training_progress`; a model trained outside it keeps the noise on.
     """
 
     kind = "teacher"
@@ -91,11 +96,15 @@ class Teacher(Vocoder):
                  audio_scale: float = 0.1, log_sigma_min: float = -7.0,
                  weight_norm: bool = False, nll_beta: float = 0.0,
                  preemphasis: float = 0.0, excitation: dict | None = None,
-                 input_noise: float = 0.0):
+                 input_noise: float = 0.0, input_noise_until: float = 1.0):
         super().__init__(n_mels, hop_length)
         if not input_noise >= 0.0:
             raise ValueError(f"input_noise must be >= 0, got {input_noise}")
+        if not 0.0 <= input_noise_until <= 1.0:
+            raise ValueError(f"input_noise_until must be in [0, 1], got {input_noise_until}")
         self.input_noise = float(input_noise)
+        self.input_noise_until = float(input_noise_until)
+        self._progress = 0.0
         if not audio_scale > 0:
             raise ValueError(f"audio_scale must be positive, got {audio_scale}")
         if not 0.0 <= nll_beta <= 1.0:
@@ -128,9 +137,23 @@ class Teacher(Vocoder):
         )
         if self.input_noise:
             self._arch["input_noise"] = self.input_noise
+        if self.input_noise_until != 1.0:
+            self._arch["input_noise_until"] = self.input_noise_until
 
     def arch_config(self) -> dict:
         return dict(self._arch)
+
+    def set_training_progress(self, step: int, max_steps: int) -> None:
+        """Called by the trainer before each step: ``step`` of ``max_steps`` are done."""
+        self._progress = step / max(int(max_steps), 1)
+
+    def _noise_now(self) -> float:
+        """The input noise of this training step (0 in eval mode or after the cut-off)."""
+        if not self.training or not self.input_noise:
+            return 0.0
+        if self.input_noise_until < 1.0 and self._progress >= self.input_noise_until:
+            return 0.0
+        return self.input_noise
 
     @property
     def receptive_field(self) -> int:
@@ -190,8 +213,8 @@ class Teacher(Vocoder):
         source, pitch_loss = None, None
         if self.excitation is not None:
             source, pitch_loss = self.excitation.analyse(audio, mel)
-        noisy = self.input_noise and self.training
-        past = x + self.input_noise * torch.randn_like(x) if noisy else x
+        noise = self._noise_now()
+        past = x + noise * torch.randn_like(x) if noise else x
         mu, log_sigma = self(past, mel, source)
         log_p = gaussian_log_prob(x, mu, log_sigma)
         nll = float(-log_p.detach().mean())

@@ -284,6 +284,9 @@ class Trainer:
             for audio, mel in loader:
                 audio = audio.to(self.device, non_blocking=True)
                 mel = mel.to(self.device, non_blocking=True)
+                set_progress = getattr(self.model, "set_training_progress", None)
+                if set_progress is not None:  # e.g. the teacher's input-noise cut-off
+                    set_progress(self.step, max_steps)
                 applied, metrics = self._train_step(audio, mel)
                 self.batches_consumed += 1
                 samples_last += audio.numel() * self.dist.world_size
