@@ -187,3 +187,28 @@ def test_pesq_and_stoi_rank_clean_above_noisy_speech():
     clean_stoi, noisy_stoi = (short_time_objective_intelligibility(speech, x, 22050)
                               for x in (speech, noisy))
     assert clean_stoi > 0.99 and noisy_stoi < clean_stoi
+
+
+def test_first_pyin_call_of_a_process_runs_under_an_inter_process_lock(monkeypatch):
+    # Concurrent first compiles of librosa's numba kernels can corrupt their cache (numba
+    # #10128): the first call of each process takes an exclusive file lock, later ones do not.
+    fcntl = pytest.importorskip("fcntl")
+    import vocoder.metrics as metrics
+
+    calls = []
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        calls.append(op)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(metrics, "_PYIN_READY", False)
+    t = torch.arange(RATE // 2) / RATE
+    f0 = estimate_f0(0.5 * torch.sin(2 * math.pi * 200.0 * t), RATE, HOP)
+    assert calls == [fcntl.LOCK_EX]
+    assert metrics._PYIN_READY
+    estimate_f0(0.5 * torch.sin(2 * math.pi * 200.0 * t), RATE, HOP)
+    assert calls == [fcntl.LOCK_EX]  # not again
+    voiced = f0[f0 > 0]
+    assert voiced.size > 10 and np.median(voiced) == pytest.approx(200.0, rel=0.02)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -148,6 +150,47 @@ def mel_cepstral_distortion(ref, syn, sample_rate: int, n_mfcc: int = 24,
     return float(_DB_PER_NEPER * torch.sqrt(squared).mean())
 
 
+_PYIN_READY = False
+
+
+def _pyin():
+    """``librosa.pyin``, after this process has loaded (or compiled) its numba kernels once
+    under an inter-process lock.
+
+    librosa compiles pyin's numba gufuncs on first use and caches them beside its sources. Two
+    processes compiling them at the same time can leave kernel and wrapper caches that do not
+    match, and every later call in any process then segfaults (numba issue #10128; seen here
+    with two evaluations started together on a fresh install). The lock lets one process at a
+    time make the first call (float32 and float64, as evaluation and training use), so later
+    processes find a complete cache. Without ``fcntl`` (Windows) or a writable temp directory
+    the first call runs unlocked.
+    """
+    global _PYIN_READY
+    import librosa
+
+    if _PYIN_READY:
+        return librosa.pyin
+    lock = None
+    try:
+        import fcntl
+
+        path = os.path.join(tempfile.gettempdir(), "flow-vocoder-numba.lock")
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
+    try:
+        noise = np.random.default_rng(0).standard_normal(4096)
+        for dtype in (np.float32, np.float64):
+            librosa.pyin(noise.astype(dtype), fmin=100.0, fmax=400.0, sr=16000,
+                         frame_length=1024, hop_length=256)
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the lock
+    _PYIN_READY = True
+    return librosa.pyin
+
+
 def estimate_f0(audio, sample_rate: int, hop_length: int, fmin: float = 50.0,
                 fmax: float = 500.0) -> np.ndarray:
     """F0 in Hz per frame (0.0 where unvoiced) with ``librosa.pyin``, float32 ``[T // hop + 1]``.
@@ -157,11 +200,10 @@ def estimate_f0(audio, sample_rate: int, hop_length: int, fmin: float = 50.0,
     22.05 kHz and 50 Hz). pyin is slow (about real time on one core): call it only on what
     needs it.
     """
-    import librosa
-
+    pyin = _pyin()
     y = _as_tensor(audio).numpy()
     frame_length = 1 << math.ceil(math.log2(4.0 * sample_rate / fmin))
-    f0, voiced, _ = librosa.pyin(y, fmin=fmin, fmax=fmax, sr=sample_rate,
+    f0, voiced, _ = pyin(y, fmin=fmin, fmax=fmax, sr=sample_rate,
                                  frame_length=frame_length, hop_length=hop_length, center=True)
     f0 = np.where(voiced & np.isfinite(f0), f0, 0.0).astype(np.float32)
     return f0[: y.shape[-1] // hop_length + 1]
