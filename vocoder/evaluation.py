@@ -155,8 +155,8 @@ def _finite(value) -> bool:
 
 def summarise(rows: list[dict]) -> dict:
     """Means over files: plain means of the per-file distances, the F0 RMSEs and gross pitch
-    error pooled over all frames voiced in both, voicing error pooled over all frames, and synthesis
-    speed."""
+    error pooled over all frames voiced in both, voicing error pooled over all frames, and
+    synthesis speed."""
     mean: dict = {"files": len(rows), "seconds": sum(r["seconds"] for r in rows)}
     for key in _AVERAGED:
         values = [r[key] for r in rows if _finite(r.get(key))]

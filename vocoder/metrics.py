@@ -203,8 +203,8 @@ def estimate_f0(audio, sample_rate: int, hop_length: int, fmin: float = 50.0,
     pyin = _pyin()
     y = _as_tensor(audio).numpy()
     frame_length = 1 << math.ceil(math.log2(4.0 * sample_rate / fmin))
-    f0, voiced, _ = pyin(y, fmin=fmin, fmax=fmax, sr=sample_rate,
-                                 frame_length=frame_length, hop_length=hop_length, center=True)
+    f0, voiced, _ = pyin(y, fmin=fmin, fmax=fmax, sr=sample_rate, frame_length=frame_length,
+                         hop_length=hop_length, center=True)
     f0 = np.where(voiced & np.isfinite(f0), f0, 0.0).astype(np.float32)
     return f0[: y.shape[-1] // hop_length + 1]
 

@@ -78,13 +78,15 @@ class Teacher(Vocoder):
       so that it learns to predict from a past as imperfect as its own samples are at
       synthesis. 0 disables; validation (eval mode), sampling and :meth:`log_prob` never
       add noise. Measured on the demo corpus (docs/QUALITY.md, session 11): 0.002-0.003
-      improve the teacher's own samples, but its sigma grows and the student distilled from
-      it is noisier (MR-STFT +0.09 per 0.001), so every preset leaves it off.
+      improve the teacher's own samples, but kept to the end of training its sigma grows and
+      the student distilled from it is noisier (MR-STFT +0.09 per 0.001);
     * ``input_noise_until``: the share of training (``trainer.max_steps``) during which
       ``input_noise`` is applied; after it the teacher trains on its clean past, so that the
       noisy start shapes what it learns and a clean end sharpens its sigma again for
       distillation. 1 (default) keeps the noise to the end. The trainer reports progress
       through :meth:`set_training_progress`; a model trained outside it keeps the noise on.
+      Session 12 (docs/QUALITY.md): 0.003 until 0.5 kept most of the teacher's gain and
+      the student's spectra; the long demo recipe uses it, the presets leave it off.
     """
 
     kind = "teacher"
