@@ -34,16 +34,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 exp=${exp:-exp/demo-$size}
-teacher_extra=()
 if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 
 case $size in
   demo) teacher_steps=800;  student_steps=250;  waveglow_steps=400;  n_utt=300; preset=demo ;;
-  long) teacher_steps=6000; student_steps=2000; waveglow_steps=2000; n_utt=300; preset=demo
-        # Input noise on the teacher's past for the first half of its steps, then the clean
-        # past (docs/QUALITY.md, session 12): its own samples grow more voiced, and the
-        # clean second half keeps the student distilled from it as clean as before.
-        teacher_extra=(arch.teacher.input_noise=0.003 arch.teacher.input_noise_until=0.5) ;;
+  long) teacher_steps=6000; student_steps=2000; waveglow_steps=2000; n_utt=300; preset=demo ;;
   ci)   teacher_steps=40;   student_steps=20;   waveglow_steps=40;   n_utt=40;  preset=ci ;;
   *) echo "unknown --size $size (demo, long or ci)" >&2; exit 2 ;;
 esac
@@ -65,7 +60,7 @@ if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
 fi
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
   run $py -m vocoder.cli.train model=teacher "${train_common[@]}" run_dir=$exp/teacher \
-    trainer.max_steps=$teacher_steps ${teacher_extra[@]+"${teacher_extra[@]}"}
+    trainer.max_steps=$teacher_steps
   stamp 1
 fi
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
