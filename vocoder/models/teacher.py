@@ -85,8 +85,9 @@ class Teacher(Vocoder):
       noisy start shapes what it learns and a clean end sharpens its sigma again for
       distillation. 1 (default) keeps the noise to the end. The trainer reports progress
       through :meth:`set_training_progress`; a model trained outside it keeps the noise on.
-      Session 12 (docs/QUALITY.md): 0.003 until 0.5 kept most of the teacher's gain and
-      the student's spectra; the long demo recipe uses it, the presets leave it off.
+      Session 12 (docs/QUALITY.md): over 2,000 steps 0.003 until 0.5 kept most of the
+      teacher's gain and the student's spectra; over the long recipe's 6,000 the octave
+      error came back and distillation from it collapsed once, so the presets leave it off.
     """
 
     kind = "teacher"
