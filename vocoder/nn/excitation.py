@@ -67,15 +67,24 @@ def _fill_unvoiced(f0: Tensor, voiced: Tensor, default: float) -> Tensor:
 @torch.no_grad()
 def estimate_f0(audio: Tensor, sample_rate: int, hop: int, frames: int,
                 fmin: float = 50.0, fmax: float = 500.0, threshold: float = 0.15,
-                silence_db: float = -50.0) -> tuple[Tensor, Tensor]:
+                silence_db: float = -50.0, pick_threshold: float = 0.1,
+                octave_ratio: float = 0.3) -> tuple[Tensor, Tensor]:
     """F0 and voicing of ``audio [B, T]`` per frame (frame ``i`` centred on ``i * hop``):
     ``(f0 [B, frames] in Hz, voiced [B, frames] in {0, 1})``, unvoiced frames' F0 being 0.
 
     YIN (de Cheveigne & Kawahara, 2002): the difference function of each frame over lags of
-    one period of ``fmax`` to one of ``fmin``, cumulative-mean normalised; the first dip below
-    ``threshold`` (refined to its local minimum and by a parabola) is the period. A frame is
-    voiced when such a dip exists and its level is above ``silence_db`` relative to the
-    loudest frame of its sequence. Batched with FFTs; no gradient.
+    one period of ``fmax`` to one of ``fmin``, cumulative-mean normalised (``d'``). The period
+    is the first dip of ``d'`` below ``pick_threshold`` (the global minimum when there is
+    none), refined to its local minimum; then, when ``d'`` near twice that lag is below
+    ``octave_ratio`` times its value, the dip was half a period (a strong second harmonic)
+    and the deeper one is taken; a parabola refines the result. A frame is voiced when its
+    dip is below ``threshold`` and its level above ``silence_db`` relative to the loudest
+    frame of its sequence. Batched with FFTs; no gradient.
+
+    On the demo corpus against its true F0 (issue 18, session 13), the octave check and the
+    stricter pick cut the frames off by more than 20% from 2.0% to 0.6% (mostly octave-high
+    frames of high voices), with the same voicing decisions (``pick_threshold = threshold =
+    0.15``, ``octave_ratio = 0`` is plain YIN).
     """
     audio = audio.float()
     lag_min = max(2, int(sample_rate / fmax))
@@ -106,7 +115,7 @@ def estimate_f0(audio: Tensor, sample_rate: int, hop: int, frames: int,
     cmnd = torch.ones_like(diff)
     cmnd[..., 1:] = diff[..., 1:] / cumulative.clamp(min=1e-12)
     search = cmnd[..., lag_min:lag_max]
-    below = search < threshold
+    below = search < pick_threshold
     # the first dip below the threshold, then down to its local minimum
     first = torch.where(below.any(-1), below.float().argmax(-1),
                         search.argmin(-1))
@@ -120,6 +129,16 @@ def estimate_f0(audio: Tensor, sample_rate: int, hop: int, frames: int,
         lag_index = torch.where(step, nxt, lag_index)
     lag = lag_index + lag_min
     best = cmnd.gather(-1, lag[..., None]).squeeze(-1)
+    if octave_ratio > 0:
+        # A much deeper dip within 3 lags of twice the lag: the first was half a period.
+        cand = 2 * lag[..., None] + torch.arange(-3, 4, device=audio.device)
+        valid = cand <= lag_max
+        values = cmnd.gather(-1, cand.clamp(max=lag_max))
+        values = torch.where(valid, values, torch.full_like(values, float("inf")))
+        low, where = values.min(-1)
+        double = low < octave_ratio * best
+        lag = torch.where(double, cand.gather(-1, where[..., None]).squeeze(-1), lag)
+        best = torch.where(double, low, best)
     # parabolic refinement of the dip
     lo = cmnd.gather(-1, (lag - 1)[..., None]).squeeze(-1)
     hi = cmnd.gather(-1, (lag + 1).clamp(max=lag_max)[..., None]).squeeze(-1)
@@ -200,13 +219,29 @@ class PitchPredictor(nn.Module):
 
     ``n_convs`` convolutions of width 3 over frames (``channels`` wide, leaky ReLU between), so
     a frame's prediction reads ``n_convs`` frames on either side. The input is standardised by
-    fixed statistics of log-mels (mean -6, spread 2) and the log-F0 output starts at the
-    geometric middle of the search range.
+    fixed statistics of log-mels (mean -6, spread 2).
+
+    Two output heads:
+
+    * ``bins = 0`` (regression, the checkpoints before session 13): log-F0 directly, trained
+      by its L1 distance to the target and starting at the geometric middle of the range;
+    * ``bins = N > 0`` (classification): logits over ``N`` log-spaced F0 values from ``fmin``
+      to ``fmax``, trained by cross-entropy against a Gaussian of one bin's width around the
+      target; the log-F0 is the softmax-weighted mean of the 9 bins around the most likely
+      one. A pitch that could be one of two octaves then stays one of them instead of being
+      averaged between: on the demo corpus (session 13) the median error went 20 -> 5 cents
+      and the RMSE of the frames within 20% 45 -> 13 cents.
     """
 
+    #: bins on either side of the most likely one that its F0 estimate averages over
+    DECODE_RADIUS = 4
+
     def __init__(self, n_mels: int, channels: int = 64, n_convs: int = 3,
-                 fmin: float = 50.0, fmax: float = 500.0):
+                 fmin: float = 50.0, fmax: float = 500.0, bins: int = 0):
         super().__init__()
+        if int(bins) < 0 or int(bins) == 1:
+            raise ValueError(f"pitch predictor bins must be 0 (regression) or at least 2, "
+                             f"got {bins}")
         layers: list[nn.Module] = []
         width = n_mels
         for _ in range(n_convs):
@@ -214,10 +249,15 @@ class PitchPredictor(nn.Module):
                        nn.LeakyReLU(0.1)]
             width = channels
         self.body = nn.Sequential(*layers)
-        self.out = nn.Conv1d(width, 2, 1)
+        self.bins = int(bins)
+        self.out = nn.Conv1d(width, (self.bins or 1) + 1, 1)
         nn.init.zeros_(self.out.weight)
-        with torch.no_grad():
-            self.out.bias.copy_(torch.tensor([0.5 * math.log(fmin * fmax), 0.0]))
+        nn.init.zeros_(self.out.bias)
+        if not self.bins:
+            with torch.no_grad():
+                self.out.bias[0] = 0.5 * math.log(fmin * fmax)
+        self.register_buffer("centres", torch.linspace(math.log(fmin), math.log(fmax),
+                                                       max(self.bins, 2)), persistent=False)
         self.n_convs = n_convs
         self.fmin, self.fmax = float(fmin), float(fmax)
 
@@ -225,22 +265,50 @@ class PitchPredictor(nn.Module):
     def lookahead_frames(self) -> int:
         return self.n_convs
 
+    def _raw(self, mel: Tensor) -> Tensor:
+        return self.out(self.body((mel + 6.0) * 0.5))
+
+    def _decode(self, logits: Tensor) -> Tensor:
+        """Log-F0 ``[B, F]`` of bin logits ``[B, bins, F]``."""
+        top = logits.argmax(1, keepdim=True)
+        near = (top + torch.arange(-self.DECODE_RADIUS, self.DECODE_RADIUS + 1,
+                                   device=logits.device)[None, :, None]).clamp(0, self.bins - 1)
+        weights = torch.softmax(logits.gather(1, near), dim=1)
+        return (weights * self.centres[near]).sum(1)
+
     def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.out(self.body((mel + 6.0) * 0.5))
-        return out[:, 0], out[:, 1]
+        out = self._raw(mel)
+        if not self.bins:
+            return out[:, 0], out[:, 1]
+        return self._decode(out[:, :-1]), out[:, -1]
 
     def loss(self, mel: Tensor, f0: Tensor, voiced: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Binary cross-entropy of the voicing plus the L1 distance of log-F0 over voiced
-        frames, against an estimated contour ``f0, voiced [B, F]``; metrics ``pitch_loss``,
-        ``pitch_cents`` (mean absolute error over voiced frames) and ``voicing_accuracy``."""
-        log_f0, logit = self(mel.detach())
+        """Binary cross-entropy of the voicing plus, over voiced frames, the L1 distance of
+        log-F0 (regression) or the cross-entropy of the bins (classification), against an
+        estimated contour ``f0, voiced [B, F]``; metrics ``pitch_loss``, ``pitch_cents`` (mean
+        absolute error of the predicted F0 over voiced frames) and ``voicing_accuracy``."""
+        out = self._raw(mel.detach())
+        logit = out[:, -1]
         bce = F.binary_cross_entropy_with_logits(logit, voiced)
         mask = voiced > 0.5
         count = mask.sum().clamp(min=1)
-        error = ((log_f0 - torch.log(f0.clamp(min=self.fmin))).abs() * mask).sum() / count
-        loss = bce + error
+        target = torch.log(f0.clamp(self.fmin, self.fmax))
+        if self.bins:
+            log_f0 = self._decode(out[:, :-1].detach())
+            width = self.centres[1] - self.centres[0]
+            soft = torch.exp(-0.5 * ((self.centres[None, :, None] - target[:, None]) / width)
+                             .square())
+            soft = soft / soft.sum(1, keepdim=True)
+            pitch = -(soft * torch.log_softmax(out[:, :-1], dim=1)).sum(1)
+            error = (log_f0 - target).abs()
+        else:
+            log_f0 = out[:, 0]
+            pitch = error = (log_f0 - target).abs()
+        pitch = (pitch * mask).sum() / count
+        loss = bce + pitch
         metrics = {"pitch_loss": float(loss.detach()),
-                   "pitch_cents": float(error.detach()) * 1200 / math.log(2),
+                   "pitch_cents": float((error.detach() * mask).sum() / count)
+                   * 1200 / math.log(2),
                    "voicing_accuracy": float(((logit > 0) == mask).float().mean())}
         return loss, metrics
 
@@ -252,14 +320,14 @@ class Excitation(nn.Module):
 
     def __init__(self, n_mels: int, sample_rate: int, hop_length: int, fmin: float = 50.0,
                  fmax: float = 500.0, channels: int = 64, n_convs: int = 3,
-                 harmonics: int = 1):
+                 harmonics: int = 1, bins: int = 0):
         super().__init__()
         if int(harmonics) < 1:
             raise ValueError(f"excitation harmonics must be at least 1, got {harmonics}")
         self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
         self.fmin, self.fmax = float(fmin), float(fmax)
         self.harmonics = int(harmonics)
-        self.predictor = PitchPredictor(n_mels, channels, n_convs, fmin, fmax)
+        self.predictor = PitchPredictor(n_mels, channels, n_convs, fmin, fmax, bins)
 
     @property
     def source_channels(self) -> int:
@@ -276,7 +344,7 @@ class Excitation(nn.Module):
     def config(self) -> dict:
         return dict(sample_rate=self.sample_rate, fmin=self.fmin, fmax=self.fmax,
                     channels=self.predictor.out.in_channels, n_convs=self.predictor.n_convs,
-                    harmonics=self.harmonics)
+                    harmonics=self.harmonics, bins=self.predictor.bins)
 
     @property
     def stream_lookahead_frames(self) -> int:
