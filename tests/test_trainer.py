@@ -343,6 +343,7 @@ def test_resume_with_changed_settings_says_so_and_applies_them(tmp_path, cache_d
     ("trainer.batch_size=0", "trainer.batch_size=0: must be a positive integer"),
     ("trainer.lr=fast", "trainer.lr=fast: must be of type float"),
     ("+trainer.learning_rate=1e-3", "unknown trainer setting(s): learning_rate"),
+    ("trainer.pitch_sigma=0", "trainer.pitch_sigma=0.0: must be positive, or null"),
 ])
 def test_bad_trainer_settings_fail_in_one_line(tmp_path, cache_dir, override, message):
     from vocoder.errors import VocoderError
@@ -366,6 +367,22 @@ def test_pitch_is_measured_during_training(tmp_path, cache_dir):
     assert 0.0 <= pitch["pitch_voicing_error"] <= 1.0
     # the teacher's NLL split by voicing (a short middle segment may hold no unvoiced frame)
     assert math.isfinite(pitch["nll_voiced"]) and "nll_unvoiced" in pitch
+
+
+def test_pitch_probe_samples_at_the_configured_temperature(tmp_path, cache_dir):
+    trainer = _trainer(tmp_path, cache_dir, "trainer.max_steps=2", "trainer.val_every=2",
+                       "trainer.pitch_every=2", "trainer.pitch_segments=1",
+                       "trainer.pitch_frames=8", "trainer.pitch_sigma=0.25")
+    sigmas = []
+    original = trainer.ema_model.synthesize
+
+    def record(mel, sigma=None, **kw):
+        sigmas.append(sigma)
+        return original(mel, sigma=sigma, **kw)
+
+    trainer.ema_model.synthesize = record
+    trainer.fit()
+    assert sigmas == [0.25]
 
 
 def test_trainer_tells_the_model_its_progress_before_each_step(tmp_path, cache_dir):

@@ -72,11 +72,14 @@ class PitchProbe:
         return voiced[:, frame]
 
     @torch.no_grad()
-    def measure(self, model, device: torch.device) -> dict[str, float]:
-        """The pitch metrics (see the module docstring) of ``model`` (in eval mode)."""
+    def measure(self, model, device: torch.device,
+                sigma: float | None = None) -> dict[str, float]:
+        """The pitch metrics (see the module docstring) of ``model`` (in eval mode), sampled
+        at temperature ``sigma`` (``None``: the model's default)."""
         dtype = next(model.parameters()).dtype
         mel = self.mel.to(device, dtype)
-        synthesis = model.synthesize(mel, z=self.noise.to(device, dtype)).float().cpu().numpy()
+        synthesis = model.synthesize(mel, sigma=sigma, z=self.noise.to(device, dtype))
+        synthesis = synthesis.float().cpu().numpy()
         rows = []
         for syn, contour in zip(synthesis, self.f0, strict=True):
             row = f0_metrics(contour, estimate_f0(syn, self.sample_rate, self.hop))

@@ -50,6 +50,7 @@ class TrainerSettings:
     pitch_every: int
     pitch_segments: int
     pitch_frames: int
+    pitch_sigma: float | None
     tensorboard: bool
     progress: bool
 
@@ -88,6 +89,8 @@ class TrainerSettings:
         for name in ("warmup_steps", "num_workers", "audio_every", "pitch_every"):
             if getattr(self, name) < 0:
                 _bad(name, getattr(self, name), "0 or more")
+        if self.pitch_sigma is not None and not self.pitch_sigma > 0:
+            _bad("pitch_sigma", self.pitch_sigma, "positive, or null for the model's default")
         if not self.lr > 0:
             _bad("lr", self.lr, "positive")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -131,6 +134,8 @@ def _convert(name: str, value, kind: str):
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
+        if kind == "float | None":
+            return None if value is None else _convert(name, value, "float")
         if kind == "str":
             return str(value)
         if kind == "tuple[float, float]":

@@ -348,7 +348,7 @@ class Trainer:
                     )
                     if probe is not None and (self.step % t.pitch_every == 0
                                               or self.step == max_steps):
-                        pitch = probe.measure(self.ema_model, self.device)
+                        pitch = probe.measure(self.ema_model, self.device, t.pitch_sigma)
                         self.logs.write("pitch", self.step, pitch)
                         (progress.write if progress is not None else self.log)(
                             f"step {self.step}: pitch "
